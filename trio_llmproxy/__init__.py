@@ -1,0 +1,1 @@
+"""Transparent instrumented streaming reverse proxy for OpenAI-compatible APIs."""
