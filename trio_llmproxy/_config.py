@@ -1,0 +1,139 @@
+"""The configuration of the proxy server, as one attrs value.
+
+The CLI builds a :class:`ProxyConfig` from flags and environment variables;
+embedding applications build the same object in Python. Every field is
+validated when the object is made, with a message that names the field and
+the rule it broke.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._errors import ConfigError
+from ._redact import redact_url
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and check the port.
+
+    Raises:
+        ConfigError: the address is not of that form or the port is out of range.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        msg = f"expected HOST:PORT, got {value!r}"
+        raise ConfigError(msg)
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        msg = f"port must be a number, got {port_text!r}"
+        raise ConfigError(msg) from None
+    if not 0 <= port <= 65535:
+        msg = f"port must be between 0 and 65535, got {port}"
+        raise ConfigError(msg)
+    return host, port
+
+
+def check_http_url(value: str, *, what: str = "URL") -> str:
+    """Return ``value`` without a trailing slash if it is an http(s) URL.
+
+    Raises:
+        ConfigError: it is not an absolute http:// or https:// URL with a host.
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = f"{what} must be an http:// or https:// URL with a host, got {value!r}"
+        raise ConfigError(msg)
+    if parts.query or parts.fragment:
+        msg = f"{what} must not have a query or fragment, got {value!r}"
+        raise ConfigError(msg)
+    return value.rstrip("/")
+
+
+def _listen(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    parse_listen_address(value)
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 0:
+        msg = f"{attribute.name} must be >= 0, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value <= 0:
+        msg = f"{attribute.name} must be > 0, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _upstream(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    check_http_url(value, what="upstream_url")
+
+
+def _redis_url(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        msg = (
+            "redis_url must start with redis://, rediss:// or unix://, "
+            f"got scheme {parts.scheme!r}"
+        )
+        raise ConfigError(msg)
+
+
+def _strip_slash(value: str) -> str:
+    return value.rstrip("/")
+
+
+def _optional_path(value: str | Path | None) -> Path | None:
+    return None if value is None or value == "" else Path(value)
+
+
+@attrs.frozen(kw_only=True)
+class ProxyConfig:
+    """Everything :func:`serve` needs; defaults match the CLI's.
+
+    Times are in seconds and sizes in bytes. ``listen`` may use port 0 to let
+    the system choose; :func:`serve` reports the bound address.
+    """
+
+    listen: str = attrs.field(default="127.0.0.1:8080", validator=_listen)
+    upstream_url: str = attrs.field(
+        default="https://api.openai.com", converter=_strip_slash, validator=_upstream
+    )
+    file_event_log: Path | None = attrs.field(default=None, converter=_optional_path)
+    event_bus: Literal["memory", "redis"] = attrs.field(
+        default="memory", validator=attrs.validators.in_(("memory", "redis"))
+    )
+    redis_url: str = attrs.field(
+        default="redis://127.0.0.1:6379/0", validator=_redis_url, repr=redact_url
+    )
+    redis_stream: str = "llm-proxy-events"
+    redis_stream_maxlen: int = attrs.field(default=100_000, validator=_positive)
+    buffer_size: int = attrs.field(default=1000, validator=_positive)
+    max_request_body_bytes: int = attrs.field(
+        default=1_048_576, validator=_non_negative
+    )
+    max_response_body_bytes: int = attrs.field(
+        default=4_194_304, validator=_non_negative
+    )
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    read_timeout: float = attrs.field(default=600.0, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
+    secret_headers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_upstream_connections: int = attrs.field(default=1000, validator=_positive)
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of :attr:`listen`."""
+        return parse_listen_address(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """The port part of :attr:`listen`."""
+        return parse_listen_address(self.listen)[1]

@@ -1,0 +1,336 @@
+"""The event: one record per proxied request, and its JSON form.
+
+An :class:`Event` is built on the request path from what the request already
+had to touch (headers, body chunks, timings), so it holds raw bytes. Turning
+it into JSON (decoding compressed bodies, choosing text or base64, naming
+timestamps) happens in :meth:`Event.to_dict`, which only subscribers call,
+off the request path.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import datetime
+import io
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from ._errors import ProxyError
+
+SCHEMA_VERSION: Final = 1
+OUTCOMES: Final = frozenset(
+    {"ok", "client_disconnected", "upstream_error", "upstream_timeout"}
+)
+# A decompressed body in an event is cut here, so that a small compressed
+# response cannot blow up a subscriber's memory (a "zip bomb").
+MAX_DECODED_BODY_BYTES: Final = 64 * 1024 * 1024
+
+# Content types whose bodies are binary even when their bytes happen to be
+# valid UTF-8; they are always base64 in the event.
+_BINARY_TYPE_PREFIXES = (
+    b"audio/",
+    b"image/",
+    b"video/",
+    b"application/octet-stream",
+    b"application/zip",
+    b"application/pdf",
+)
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+def _decode_zlib(data: bytes, wbits: int) -> bytes:
+    decompressor = zlib.decompressobj(wbits)
+    return decompressor.decompress(data, MAX_DECODED_BODY_BYTES)
+
+
+def _decode_gzip(data: bytes) -> bytes:
+    return _decode_zlib(data, 16 + zlib.MAX_WBITS)
+
+
+def _decode_deflate(data: bytes) -> bytes:
+    # "deflate" is meant to be zlib-wrapped, but some servers send raw deflate.
+    try:
+        return _decode_zlib(data, zlib.MAX_WBITS)
+    except zlib.error:
+        return _decode_zlib(data, -zlib.MAX_WBITS)
+
+
+def _decode_brotli(data: bytes) -> bytes:
+    import brotli  # type: ignore[import-untyped]  # ships no type hints
+
+    decoded: bytes = brotli.Decompressor().process(data)
+    return decoded[:MAX_DECODED_BODY_BYTES]
+
+
+def _decode_zstd(data: bytes) -> bytes:
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+    return reader.read(MAX_DECODED_BODY_BYTES)
+
+
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": _decode_gzip,
+    "x-gzip": _decode_gzip,
+    "deflate": _decode_deflate,
+    "br": _decode_brotli,
+    "zstd": _decode_zstd,
+}
+
+
+def _content_decode(data: bytes, content_encoding: str) -> bytes | None:
+    """Undo ``content_encoding`` (possibly a list); None when that fails."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        decoder = _DECODERS.get(coding)
+        if decoder is None:
+            return None
+        try:
+            data = decoder(data)
+        except Exception:
+            # A corrupt or cut body: the event keeps the raw bytes instead.
+            return None
+    return data
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _render_body(
+    data: bytes, *, truncated: bool, content_type: bytes | None
+) -> tuple[str | None, str]:
+    if not data:
+        return None, "utf-8"
+    if content_type is None or not content_type.lower().startswith(
+        _BINARY_TYPE_PREFIXES
+    ):
+        try:
+            # A capture cut by the cap may end inside a multi-byte character;
+            # the incremental decoder leaves that partial character out.
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            return decoder.decode(data, final=not truncated), "utf-8"
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _render_headers(headers: Headers) -> dict[str, list[str]]:
+    rendered: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = name.decode("latin-1").lower()
+        rendered.setdefault(key, []).append(value.decode("latin-1"))
+    return rendered
+
+
+def _parse_headers(rendered: Mapping[str, Sequence[str]]) -> list[tuple[bytes, bytes]]:
+    return [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, values in rendered.items()
+        for value in values
+    ]
+
+
+def _format_timestamp(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_timestamp(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _parse_body(text: str | None, encoding: str) -> bytes:
+    if text is None:
+        return b""
+    if encoding == "base64":
+        return base64.b64decode(text)
+    return text.encode("utf-8")
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """One proxied request and its response, as recorded by the middleware.
+
+    Headers are ``(name, value)`` byte pairs with lower-case names, secrets
+    already redacted. Bodies are the captured bytes (up to the capture caps);
+    ``response_body_content_encoding`` names the content coding still applied
+    to ``response_body`` (``None`` once decoded). Keys of ``extra`` are added
+    to the JSON object beside the fixed fields; that is how enrichers add
+    fields of their own.
+    """
+
+    event_id: str
+    request_id: str
+    timestamp: float
+    method: str
+    path: str
+    query: str
+    status: int
+    duration_ms: float
+    ttfb_ms: float | None
+    request_headers: Headers
+    response_headers: Headers
+    request_body: bytes
+    request_body_size: int
+    request_body_truncated: bool
+    response_body: bytes
+    response_body_size: int
+    response_body_truncated: bool
+    response_body_content_encoding: str | None = None
+    streamed: bool
+    outcome: str
+    error: str | None
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    _json: list[bytes] = attrs.field(
+        factory=list, init=False, eq=False, repr=False, alias="_json"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event's JSON object, bodies decoded (see docs/events.md)."""
+        request_body, request_encoding = _render_body(
+            self.request_body,
+            truncated=self.request_body_truncated,
+            content_type=_header(self.request_headers, b"content-type"),
+        )
+        response_body, response_encoding = self._render_response_body()
+        rendered: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "event_id": self.event_id,
+            "request_id": self.request_id,
+            "timestamp": _format_timestamp(self.timestamp),
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status,
+            "duration_ms": round(self.duration_ms, 3),
+            "ttfb_ms": None if self.ttfb_ms is None else round(self.ttfb_ms, 3),
+            "request_headers": _render_headers(self.request_headers),
+            "response_headers": _render_headers(self.response_headers),
+            "request_body": request_body,
+            "request_body_encoding": request_encoding,
+            "request_body_size": self.request_body_size,
+            "request_body_truncated": self.request_body_truncated,
+            "response_body": response_body,
+            "response_body_encoding": response_encoding,
+            "response_body_size": self.response_body_size,
+            "response_body_truncated": self.response_body_truncated,
+            "streamed": self.streamed,
+            "outcome": self.outcome,
+            "error": self.error,
+        }
+        for key, value in self.extra.items():
+            rendered.setdefault(key, value)
+        return rendered
+
+    def to_json(self) -> bytes:
+        """Return the event as one line of JSON (no newline), computed once."""
+        if not self._json:
+            self._json.append(orjson.dumps(self.to_dict()))
+        return self._json[0]
+
+    def _render_response_body(self) -> tuple[str | None, str]:
+        body = self.response_body
+        coding = self.response_body_content_encoding
+        if body and coding:
+            decoded = _content_decode(body, coding)
+            if decoded is None:
+                # Undecodable: keep the bytes the client got, as base64.
+                return base64.b64encode(body).decode("ascii"), "base64"
+            body = decoded
+        return _render_body(
+            body,
+            truncated=self.response_body_truncated,
+            content_type=_header(self.response_headers, b"content-type"),
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """Rebuild an event from :meth:`to_dict`'s output (bodies stay decoded).
+
+        Raises:
+            ProxyError: ``data`` lacks a field or holds a value of the wrong kind.
+        """
+        try:
+            return cls(
+                event_id=data["event_id"],
+                request_id=data["request_id"],
+                timestamp=_parse_timestamp(data["timestamp"]),
+                method=data["method"],
+                path=data["path"],
+                query=data["query"],
+                status=data["status"],
+                duration_ms=data["duration_ms"],
+                ttfb_ms=data["ttfb_ms"],
+                request_headers=_parse_headers(data["request_headers"]),
+                response_headers=_parse_headers(data["response_headers"]),
+                request_body=_parse_body(
+                    data["request_body"], data["request_body_encoding"]
+                ),
+                request_body_size=data["request_body_size"],
+                request_body_truncated=data["request_body_truncated"],
+                response_body=_parse_body(
+                    data["response_body"], data["response_body_encoding"]
+                ),
+                response_body_size=data["response_body_size"],
+                response_body_truncated=data["response_body_truncated"],
+                streamed=data["streamed"],
+                outcome=data["outcome"],
+                error=data["error"],
+                extra={k: v for k, v in data.items() if k not in _FIELD_NAMES},
+                schema_version=data["schema_version"],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"not an event object: {exc!r}"
+            raise ProxyError(msg) from exc
+
+    @classmethod
+    def from_json(cls, line: bytes | str) -> Event:
+        """Rebuild an event from one line of JSON written by :meth:`to_json`."""
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            msg = f"not valid JSON: {exc}"
+            raise ProxyError(msg) from exc
+        if not isinstance(data, dict):
+            msg = f"an event must be a JSON object, not {type(data).__name__}"
+            raise ProxyError(msg)
+        return cls.from_dict(data)
+
+
+_FIELD_NAMES: Final = frozenset(
+    Event(
+        event_id="",
+        request_id="",
+        timestamp=0.0,
+        method="",
+        path="",
+        query="",
+        status=0,
+        duration_ms=0.0,
+        ttfb_ms=None,
+        request_headers=(),
+        response_headers=(),
+        request_body=b"",
+        request_body_size=0,
+        request_body_truncated=False,
+        response_body=b"",
+        response_body_size=0,
+        response_body_truncated=False,
+        streamed=False,
+        outcome="ok",
+        error=None,
+    ).to_dict()
+)

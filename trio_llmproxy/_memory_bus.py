@@ -1,0 +1,165 @@
+"""The in-memory event bus, on Trio memory channels.
+
+``publish`` puts the event into each subscriber's own bounded channel with
+``send_nowait``: a full channel drops that subscriber's copy (counted), so a
+slow subscriber never blocks the request path or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Self
+
+import attrs
+import trio
+
+from ._bus import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUSH_INTERVAL_SECONDS,
+    BusStatistics,
+    DropWarning,
+    EventBus,
+    SubscriberStatistics,
+    Subscription,
+    receive_batch_from,
+)
+from ._event import Event
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class _MemorySubscription(Subscription):
+    name: str
+    _send: trio.MemorySendChannel[Event]
+    _receive: trio.MemoryReceiveChannel[Event]
+    _batch_size: int
+    _flush_interval: float
+    _drops: DropWarning
+    delivered: int = 0
+    dropped: int = 0
+
+    def offer(self, event: Event) -> bool:
+        try:
+            self._send.send_nowait(event)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.dropped += 1
+            self._drops.count()
+            return False
+        return True
+
+    def end(self) -> None:
+        self._send.close()
+
+    @property
+    def buffered(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    async def receive_batch(self) -> Sequence[Event]:
+        batch = await receive_batch_from(
+            self._receive, self._batch_size, self._flush_interval
+        )
+        self.delivered += len(batch)
+        return batch
+
+
+class InMemoryEventBus(EventBus):
+    """An event bus inside one process, fanning out over memory channels.
+
+    Args:
+        buffer_size: how many events each subscriber may have waiting; beyond
+            that its new events are dropped and counted.
+    """
+
+    def __init__(self, buffer_size: int = 1000) -> None:
+        if buffer_size <= 0:
+            msg = f"buffer_size must be > 0, got {buffer_size!r}"
+            raise ValueError(msg)
+        self._buffer_size = buffer_size
+        self._subscriptions: list[_MemorySubscription] = []
+        self._closed = False
+        self._published = 0
+        self._dropped = 0
+        self._retired: dict[str, SubscriberStatistics] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def publish(self, event: Event) -> None:
+        """Offer ``event`` to every subscriber; see :meth:`EventBus.publish`."""
+        if self._closed:
+            self._dropped += 1
+            return
+        self._published += 1
+        taken = False
+        for subscription in self._subscriptions:
+            taken = subscription.offer(event) or taken
+        if self._subscriptions and not taken:
+            # Every subscriber was full: not even one copy of this event exists.
+            self._dropped += 1
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        name: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL_SECONDS,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to every event published from now on.
+
+        Leaving the block unsubscribes; what was still waiting is discarded.
+        """
+        if batch_size <= 0:
+            msg = f"batch_size must be > 0, got {batch_size!r}"
+            raise ValueError(msg)
+        send, receive = trio.open_memory_channel[Event](self._buffer_size)
+        subscription = _MemorySubscription(
+            name,
+            send,
+            receive,
+            batch_size,
+            flush_interval,
+            DropWarning(f"subscriber {name!r} is too slow"),
+        )
+        if self._closed:
+            send.close()
+        self._subscriptions.append(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscriptions.remove(subscription)
+            self._retired[name] = self._statistics_of(subscription)
+            send.close()
+            receive.close()
+
+    def close(self) -> None:
+        """Stop taking events; subscribers end after receiving what waits."""
+        self._closed = True
+        for subscription in self._subscriptions:
+            subscription.end()
+
+    def statistics(self) -> BusStatistics:
+        """Return the counters of the bus and of each subscriber."""
+        subscribers = dict(self._retired)
+        for subscription in self._subscriptions:
+            subscribers[subscription.name] = self._statistics_of(subscription)
+        return BusStatistics(
+            published=self._published,
+            dropped=self._dropped,
+            buffered=sum(s.buffered for s in self._subscriptions),
+            subscribers=subscribers,
+        )
+
+    @staticmethod
+    def _statistics_of(subscription: _MemorySubscription) -> SubscriberStatistics:
+        return SubscriberStatistics(
+            delivered=subscription.delivered,
+            dropped=subscription.dropped,
+            buffered=subscription.buffered,
+        )
