@@ -8,6 +8,7 @@ the rule it broke.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -86,6 +87,10 @@ def _redis_url(instance: Any, attribute: attrs.Attribute[str], value: str) -> No
         raise ConfigError(msg)
 
 
+def _names(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
 def _strip_slash(value: str) -> str:
     return value.rstrip("/")
 
@@ -125,7 +130,7 @@ class ProxyConfig:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     read_timeout: float = attrs.field(default=600.0, validator=_positive)
     shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
-    secret_headers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    secret_headers: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_upstream_connections: int = attrs.field(default=1000, validator=_positive)
 
     @property

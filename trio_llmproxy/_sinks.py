@@ -23,6 +23,7 @@ from ._errors import ConfigError, SinkError
 from ._event import Event
 
 FSYNC_INTERVAL_SECONDS = 1.0
+CLOSE_TIMEOUT_SECONDS = 10.0
 # The event log holds prompts and completions: only its owner may read it.
 FILE_MODE = 0o600
 
@@ -47,7 +48,10 @@ class Sink(abc.ABC):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+        # Closing flushes what was delivered: it runs even when the caller is
+        # being cancelled, for a bounded time.
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS, shield=True):
+            await self.aclose()
 
     @abc.abstractmethod
     async def deliver(self, events: Sequence[Event]) -> None:

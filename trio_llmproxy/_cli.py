@@ -1,0 +1,414 @@
+"""The command line: ``python -m trio_llmproxy`` and ``llm-proxy``.
+
+Every option has an environment variable; a flag beats its variable. A bad
+value stops start-up with one line naming the flag and the variable, and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import trio
+from click.core import ParameterSource
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._config import ProxyConfig, check_http_url, parse_listen_address
+from ._errors import ConfigError
+from ._redact import redact_url
+from ._server import ServerHandle, serve
+from ._sinks import open_event_log
+
+EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEPRECATED_VARIABLES = {
+    "OBSERVABILITY_ENABLED": "events are always on; the variable is ignored",
+}
+
+logger = logging.getLogger(__name__)
+
+
+class _ListenAddress(click.ParamType[str]):
+    name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            parse_listen_address(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+class _HttpUrl(click.ParamType[str]):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            return check_http_url(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc).replace("URL must", "must"), param, ctx)
+
+
+class _RedisUrl(click.ParamType[str]):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        text = str(value)
+        if not text.startswith(("redis://", "rediss://", "unix://")):
+            shown = redact_url(text)
+            msg = f"must start with redis://, rediss:// or unix://, got {shown!r}"
+            self.fail(msg, param, ctx)
+        return text
+
+
+LISTEN = _ListenAddress()
+HTTP_URL = _HttpUrl()
+REDIS_URL = _RedisUrl()
+POSITIVE_INT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE_SECONDS = click.FloatRange(min=0)
+
+
+def _option(*names: str, envvar: str, **kwargs: Any) -> Callable[[Any], Any]:
+    kwargs.setdefault("show_default", True)
+    return click.option(*names, envvar=envvar, show_envvar=True, **kwargs)
+
+
+def _log_level_option() -> Callable[[Any], Any]:
+    return _option(
+        "--log-level",
+        envvar="LOG_LEVEL",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="info",
+        help="Least severe log level shown.",
+    )
+
+
+def _redis_url_default() -> str:
+    """``REDIS_URL``'s fallback: ``REDIS_ADDR`` and ``REDIS_DB``, for compatibility."""
+    address = os.environ.get("REDIS_ADDR")
+    if not address:
+        return "redis://127.0.0.1:6379/0"
+    return f"redis://{address}/{os.environ.get('REDIS_DB', '0')}"
+
+
+def _redis_url_option() -> Callable[[Any], Any]:
+    return _option(
+        "--redis-url",
+        envvar="REDIS_URL",
+        type=REDIS_URL,
+        default=_redis_url_default,
+        show_default="redis://127.0.0.1:6379/0, or from REDIS_ADDR and REDIS_DB",
+        help="Redis server of the shared bus; rediss:// for TLS, password and "
+        "database number in the URL.",
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level.lower() != "debug":
+        # httpx logs every upstream request at INFO; our access log has them.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    for variable, why in DEPRECATED_VARIABLES.items():
+        if variable in os.environ:
+            logger.warning("%s is deprecated: %s", variable, why)
+
+
+def _run_until_signal(
+    start: Callable[..., Awaitable[None]], stop: Callable[[Any], None]
+) -> None:
+    """Run ``start`` (a ``nursery.start`` target) until SIGINT or SIGTERM.
+
+    The first signal calls ``stop`` with what ``start`` reported, for a
+    graceful shutdown; a second one cancels everything at once.
+    """
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def run(*, task_status: trio.TaskStatus[Any]) -> None:
+                    await start(task_status=task_status)
+                    # Stopped by itself or by a signal: stop watching signals.
+                    nursery.cancel_scope.cancel()
+
+                handle = await nursery.start(run)
+                stopping = False
+                async for signum in signals:
+                    if not stopping:
+                        logger.info("%s received", signal.Signals(signum).name)
+                        stop(handle)
+                        stopping = True
+                    else:
+                        logger.warning("second signal: stopping at once")
+                        nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """trio_llmproxy: a transparent, instrumented proxy for OpenAI-compatible APIs."""
+
+
+@cli.command("server")
+@_option(
+    "--listen",
+    envvar="LISTEN_ADDR",
+    type=LISTEN,
+    default="127.0.0.1:8080",
+    help="Address to accept clients on (HOST:PORT).",
+)
+@_option(
+    "--upstream",
+    envvar="UPSTREAM_URL",
+    type=HTTP_URL,
+    default="https://api.openai.com",
+    help="Base URL requests are forwarded to; the path and query are appended.",
+)
+@_option(
+    "--file-event-log",
+    envvar="FILE_EVENT_LOG",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_default="off",
+    help="Append one JSON event per request to this file (JSONL).",
+)
+@_option(
+    "--event-bus",
+    envvar="LLM_PROXY_EVENT_BUS",
+    type=click.Choice(["memory", "redis"]),
+    default="memory",
+    help="Where events go: this process only, or a Redis stream shared "
+    "with dispatchers.",
+)
+@_redis_url_option()
+@_option(
+    "--redis-stream",
+    envvar="REDIS_STREAM",
+    default="llm-proxy-events",
+    help="Redis stream the events are written to.",
+)
+@_option(
+    "--redis-stream-maxlen",
+    envvar="REDIS_STREAM_MAXLEN",
+    type=POSITIVE_INT,
+    default=100_000,
+    help="Approximate length the Redis stream is trimmed to.",
+)
+@_option(
+    "--buffer-size",
+    envvar="OBSERVABILITY_BUFFER_SIZE",
+    type=POSITIVE_INT,
+    default=1000,
+    help="Events a subscriber may have waiting before new ones are dropped.",
+)
+@_option(
+    "--max-request-body-bytes",
+    envvar="OBSERVABILITY_MAX_REQUEST_BODY_BYTES",
+    type=NON_NEGATIVE_INT,
+    default=1_048_576,
+    help="Request body bytes captured in an event (the rest still passes).",
+)
+@_option(
+    "--max-response-body-bytes",
+    envvar="OBSERVABILITY_MAX_RESPONSE_BODY_BYTES",
+    type=NON_NEGATIVE_INT,
+    default=4_194_304,
+    help="Response body bytes captured in an event (the rest still passes).",
+)
+@_option(
+    "--connect-timeout",
+    envvar="UPSTREAM_CONNECT_TIMEOUT",
+    type=POSITIVE_SECONDS,
+    default=10.0,
+    help="Seconds to connect to the upstream.",
+)
+@_option(
+    "--read-timeout",
+    envvar="UPSTREAM_READ_TIMEOUT",
+    type=POSITIVE_SECONDS,
+    default=600.0,
+    help="Seconds to wait for the response head, and between chunks.",
+)
+@_option(
+    "--shutdown-timeout",
+    envvar="SHUTDOWN_TIMEOUT",
+    type=NON_NEGATIVE_SECONDS,
+    default=30.0,
+    help="Seconds to finish in-flight requests and drain events on shutdown.",
+)
+@_option(
+    "--secret-header",
+    "secret_headers",
+    envvar="SECRET_HEADERS",
+    multiple=True,
+    default=(),
+    show_default="none",
+    help="Extra header name to redact in events and logs (repeatable; the "
+    "variable takes names separated by spaces).",
+)
+@_log_level_option()
+def server_command(**options: Any) -> None:
+    """Run the proxy."""
+    _setup_logging(options.pop("log_level"))
+    config = ProxyConfig(
+        listen=options["listen"],
+        upstream_url=options["upstream"],
+        file_event_log=options["file_event_log"],
+        event_bus=options["event_bus"],
+        redis_url=options["redis_url"],
+        redis_stream=options["redis_stream"],
+        redis_stream_maxlen=options["redis_stream_maxlen"],
+        buffer_size=options["buffer_size"],
+        max_request_body_bytes=options["max_request_body_bytes"],
+        max_response_body_bytes=options["max_response_body_bytes"],
+        connect_timeout=options["connect_timeout"],
+        read_timeout=options["read_timeout"],
+        shutdown_timeout=options["shutdown_timeout"],
+        secret_headers=options["secret_headers"],
+    )
+    if config.file_event_log is not None:
+        _check_event_log(config.file_event_log)
+    _run_until_signal(partial(serve, config), ServerHandle.shutdown)
+
+
+def _check_event_log(path: Path) -> None:
+    try:
+        os.close(open_event_log(path))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=_hint("file_event_log")) from exc
+
+
+def _hint(name: str) -> str:
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name == name and isinstance(param, click.Option):
+            return _param_hint(ctx, param)
+    return name
+
+
+def _param_hint(ctx: click.Context, param: click.Parameter) -> str:
+    flag = param.opts[0] if param.opts else str(param.name)
+    envvar = getattr(param, "envvar", None)
+    if isinstance(envvar, str):
+        if ctx.get_parameter_source(str(param.name)) == ParameterSource.ENVIRONMENT:
+            return f"{envvar} (--{flag.lstrip('-')})"
+        return f"{flag} ({envvar})"
+    return flag
+
+
+@cli.command("mock-upstream")
+@_option(
+    "--listen",
+    envvar="MOCK_LISTEN_ADDR",
+    type=LISTEN,
+    default="127.0.0.1:9000",
+    help="Address to accept clients on (HOST:PORT).",
+)
+@_option(
+    "--chunk-count",
+    envvar="MOCK_CHUNK_COUNT",
+    type=NON_NEGATIVE_INT,
+    default=8,
+    help="Content chunks per streamed completion (header X-Mock-Chunk-Count).",
+)
+@_option(
+    "--chunk-size",
+    envvar="MOCK_CHUNK_SIZE",
+    type=NON_NEGATIVE_INT,
+    default=4,
+    help="Characters per content chunk (header X-Mock-Chunk-Size).",
+)
+@_option(
+    "--chunk-delay-ms",
+    envvar="MOCK_CHUNK_DELAY_MS",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Milliseconds between chunks (header X-Mock-Chunk-Delay-Ms).",
+)
+@_option(
+    "--model",
+    envvar="MOCK_MODEL",
+    default="mock-gpt",
+    help="Model named in answers when the request names none.",
+)
+@_log_level_option()
+def mock_upstream_command(
+    listen: str,
+    chunk_count: int,
+    chunk_size: int,
+    chunk_delay_ms: float,
+    model: str,
+    log_level: str,
+) -> None:
+    """Run a local OpenAI-compatible fake upstream (no key needed)."""
+    from ._mock_upstream import MockUpstreamSettings, create_mock_upstream_app
+
+    _setup_logging(log_level)
+    settings = MockUpstreamSettings(
+        chunk_count=chunk_count,
+        chunk_size=chunk_size,
+        chunk_delay_seconds=chunk_delay_ms / 1000.0,
+        model=model,
+    )
+    app = create_mock_upstream_app(settings)
+    _run_until_signal(partial(_serve_app, app, listen), trio.Event.set)
+
+
+async def _serve_app(
+    app: Any, listen: str, *, task_status: trio.TaskStatus[trio.Event]
+) -> None:
+    """Serve a plain ASGI app until the reported event is set."""
+    hyper = HypercornConfig()
+    hyper.bind = [listen]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.keep_alive_timeout = 75.0
+    hyper.backlog = 1024
+    hyper.graceful_timeout = 5.0
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait)
+        )
+        logger.info("mock upstream listening on %s", ", ".join(binds))
+        task_status.started(stop)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"llm-proxy: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``llm-proxy`` and ``python -m trio_llmproxy``."""
+    try:
+        cli.main(args=argv, prog_name="llm-proxy", standalone_mode=False)
+    except click.BadParameter as exc:
+        hint = exc.param_hint
+        if exc.ctx is not None and exc.param is not None:
+            hint = _param_hint(exc.ctx, exc.param)
+        _fail(f"invalid value for {hint}: {exc.message}")
+    except click.UsageError as exc:
+        _fail(exc.format_message().splitlines()[0])
+    except ConfigError as exc:
+        _fail(str(exc))
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,341 @@
+"""The instrumentation middleware: records each HTTP exchange as an Event.
+
+It wraps any ASGI app. On the request path it only notes what passes:
+references to the body chunks (up to the capture caps), their sizes, the
+status and headers, and three timestamps. Everything that costs more
+(decoding, base64, JSON) waits for the event's subscribers.
+
+The app may tell the middleware how an exchange ended (for example that the
+upstream failed) with :func:`note_outcome`; otherwise the middleware infers
+it from what it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Final
+
+import attrs
+import trio
+
+from ._access import log_access
+from ._asgi import ASGIApp, Message, Receive, Scope, Send
+from ._bus import EventBus
+from ._event import Event
+from ._redact import redact_headers, secret_header_names
+
+REQUEST_ID_HEADER: Final = b"x-request-id"
+MAX_REQUEST_ID_LENGTH: Final = 128
+# The key, in the ASGI scope's "extensions", of the recorder of the exchange.
+EXTENSION_KEY: Final = "trio_llmproxy.recorder"
+
+logger = logging.getLogger(__name__)
+
+
+def _names(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
+def _is_sane_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(
+        0x20 <= byte <= 0x7E for byte in value
+    )
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _is_streamed(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response was streamed: SSE, or sent without a length."""
+    if not headers:
+        return False
+    content_type = _header(headers, b"content-type") or b""
+    if content_type.startswith(b"text/event-stream"):
+        return True
+    return _header(headers, b"content-length") is None
+
+
+def _status_without_response(recorder: Recorder) -> int:
+    # No response was started: the client left first (499, as nginx logs
+    # it), or the app failed and the server answered 500 on its behalf.
+    return 499 if recorder.disconnected else 500
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@attrs.frozen(kw_only=True)
+class CaptureSettings:
+    """What the middleware keeps of each exchange.
+
+    Bodies are captured up to ``max_request_body_bytes`` and
+    ``max_response_body_bytes``; the true sizes are always counted.
+    ``secret_headers`` adds header names to redact to the built-in ones.
+    """
+
+    max_request_body_bytes: int = attrs.field(
+        default=1_048_576, validator=attrs.validators.ge(0)
+    )
+    max_response_body_bytes: int = attrs.field(
+        default=4_194_304, validator=attrs.validators.ge(0)
+    )
+    secret_headers: tuple[str, ...] = attrs.field(default=(), converter=_names)
+
+
+@attrs.define
+class _Body:
+    """Captured chunks of one body, up to a cap, and its true size."""
+
+    cap: int
+    chunks: list[bytes] = attrs.field(factory=list)
+    captured: int = 0
+    size: int = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        room = self.cap - self.captured
+        if room <= 0:
+            return
+        if len(chunk) > room:
+            chunk = chunk[:room]
+        self.chunks.append(chunk)
+        self.captured += len(chunk)
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > self.captured
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@attrs.define
+class Recorder:
+    """What the middleware knows of one exchange while it runs."""
+
+    request_id: str
+    started: float
+    started_wall: float
+    request_body: _Body
+    response_body: _Body
+    status: int = 0
+    response_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
+    first_byte: float | None = None
+    finished: float | None = None
+    answered: bool = False
+    disconnected: bool = False
+    outcome: str | None = None
+    error: str | None = None
+
+    def note(self, outcome: str, error: str | None) -> None:
+        """Record how the exchange ended; the first note wins."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.error = error
+
+
+def note_outcome(scope: Scope, outcome: str, error: str | None = None) -> None:
+    """Tell the instrumentation middleware (if any) how an exchange ended.
+
+    ``outcome`` is one of the event's outcomes (``"upstream_error"`` say) and
+    ``error`` a short description. Without the middleware this does nothing.
+    """
+    recorder = scope.get("extensions", {}).get(EXTENSION_KEY)
+    if isinstance(recorder, Recorder):
+        recorder.note(outcome, error)
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """Return the request ID the middleware gave this exchange, if any."""
+    recorder = scope.get("extensions", {}).get(EXTENSION_KEY)
+    return recorder.request_id if isinstance(recorder, Recorder) else None
+
+
+class InstrumentationMiddleware:
+    """ASGI middleware that publishes one :class:`Event` per HTTP request.
+
+    It keeps the client's ``X-Request-ID`` when sane (at most 128 printable
+    ASCII characters) or makes one, passes it to the app in the request
+    headers and returns it in the response headers. WebSocket and lifespan
+    scopes pass through untouched.
+
+    Args:
+        app: the ASGI app to wrap.
+        bus: where finished events are published.
+        settings: capture caps and extra secret header names.
+        enrich: called with each event before it is published; it returns the
+            event to publish (for example with ``attrs.evolve(event,
+            extra={...})``). It runs on the request path: keep it cheap.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        bus: EventBus,
+        settings: CaptureSettings | None = None,
+        *,
+        enrich: Callable[[Event], Event] | None = None,
+    ) -> None:
+        self._app = app
+        self._bus = bus
+        self._settings = settings or CaptureSettings()
+        self._secret_names = secret_header_names(self._settings.secret_headers)
+        self._enrich = enrich
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        recorder, scope = self._start(scope)
+        request_id = recorder.request_id.encode("ascii")
+        request_body = recorder.request_body
+        response_body = recorder.response_body
+
+        async def recording_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                request_body.add(message.get("body", b""))
+            elif message["type"] == "http.disconnect" and not recorder.answered:
+                recorder.disconnected = True
+            return message
+
+        async def recording_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                chunk = message.get("body", b"")
+                if chunk:
+                    if recorder.first_byte is None:
+                        recorder.first_byte = time.perf_counter()
+                    response_body.add(chunk)
+                if not message.get("more_body", False):
+                    # The client has its whole answer once this send is done;
+                    # a disconnect seen meanwhile is not a cut exchange.
+                    recorder.answered = True
+                    await send(message)
+                    recorder.finished = time.perf_counter()
+                    return
+                await send(message)
+                return
+            if kind == "http.response.start":
+                message = self._stamp_response(message, request_id, recorder)
+            await send(message)
+
+        try:
+            await self._app(scope, recording_receive, recording_send)
+        except trio.Cancelled:
+            recorder.note(*self._cancelled_outcome(recorder))
+            raise
+        except BaseException as exc:
+            recorder.note("upstream_error", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._publish(scope, recorder)
+
+    def _start(self, scope: Scope) -> tuple[Recorder, Scope]:
+        headers = scope["headers"]
+        given = None
+        for name, value in headers:
+            if name == REQUEST_ID_HEADER:
+                given = value
+                break
+        if given is not None and _is_sane_request_id(given):
+            request_id = given.decode("ascii")
+            forwarded = headers
+        else:
+            request_id = _new_id()
+            forwarded = [(n, v) for n, v in headers if n != REQUEST_ID_HEADER]
+            forwarded.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
+        recorder = Recorder(
+            request_id=request_id,
+            started=time.perf_counter(),
+            started_wall=time.time(),
+            request_body=_Body(self._settings.max_request_body_bytes),
+            response_body=_Body(self._settings.max_response_body_bytes),
+        )
+        # A copy of the scope, so the server's own is never changed.
+        scope = dict(scope)
+        scope["headers"] = forwarded
+        scope["extensions"] = {
+            **(scope.get("extensions") or {}),
+            EXTENSION_KEY: recorder,
+        }
+        return recorder, scope
+
+    @staticmethod
+    def _stamp_response(
+        message: Message, request_id: bytes, recorder: Recorder
+    ) -> Message:
+        headers = [
+            (name, value)
+            for name, value in message.get("headers", ())
+            if name.lower() != REQUEST_ID_HEADER
+        ]
+        headers.append((REQUEST_ID_HEADER, request_id))
+        recorder.status = int(message["status"])
+        recorder.response_headers = headers
+        return {**message, "headers": headers}
+
+    @staticmethod
+    def _cancelled_outcome(recorder: Recorder) -> tuple[str, str]:
+        if recorder.disconnected:
+            return "client_disconnected", "client closed the connection"
+        return "upstream_error", "cancelled: the proxy is shutting down"
+
+    def _publish(self, scope: Scope, recorder: Recorder) -> None:
+        try:
+            event = self._build_event(scope, recorder)
+            if self._enrich is not None:
+                event = self._enrich(event)
+        except Exception:
+            # Never let instrumentation break the exchange it records.
+            logger.exception(
+                "cannot build the event of request %s", recorder.request_id
+            )
+            return
+        self._bus.publish(event)
+        log_access(event)
+
+    def _build_event(self, scope: Scope, recorder: Recorder) -> Event:
+        end = recorder.finished or time.perf_counter()
+        if recorder.outcome is None:
+            if recorder.disconnected and recorder.finished is None:
+                recorder.note("client_disconnected", "client closed the connection")
+            else:
+                recorder.note("ok", None)
+        response_headers = recorder.response_headers
+        content_encoding = _header(response_headers, b"content-encoding")
+        return Event(
+            event_id=_new_id(),
+            request_id=recorder.request_id,
+            timestamp=recorder.started_wall,
+            method=scope["method"],
+            path=scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+            query=scope.get("query_string", b"").decode("latin-1"),
+            status=recorder.status or _status_without_response(recorder),
+            duration_ms=(end - recorder.started) * 1000.0,
+            ttfb_ms=None
+            if recorder.first_byte is None
+            else (recorder.first_byte - recorder.started) * 1000.0,
+            request_headers=redact_headers(scope["headers"], self._secret_names),
+            response_headers=redact_headers(response_headers, self._secret_names),
+            request_body=recorder.request_body.data(),
+            request_body_size=recorder.request_body.size,
+            request_body_truncated=recorder.request_body.truncated,
+            response_body=recorder.response_body.data(),
+            response_body_size=recorder.response_body.size,
+            response_body_truncated=recorder.response_body.truncated,
+            response_body_content_encoding=None
+            if content_encoding is None
+            else content_encoding.decode("latin-1"),
+            streamed=_is_streamed(response_headers),
+            outcome=recorder.outcome or "ok",
+            error=recorder.error,
+        )

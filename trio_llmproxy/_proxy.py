@@ -1,0 +1,199 @@
+"""The proxy ASGI app: forwards each request upstream and streams the answer.
+
+One shared ``httpx.AsyncClient`` carries every request. The request body is
+streamed upstream as it arrives; the response is passed to the client chunk
+by chunk, as received, still content-encoded. Each exchange runs in a
+nursery owned by the request, beside a task that watches the client: if the
+client goes away, the exchange is cancelled and the upstream connection
+closed at once, so nobody pays for tokens no one reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+import httpx
+import orjson
+import trio
+
+from ._asgi import Message, Receive, Scope, Send
+from ._errors import ClientError, ProxyError, UpstreamError, UpstreamTimeout
+from ._middleware import note_outcome
+from ._upstream import Upstream, convert_error, end_to_end_headers, has_request_body
+
+# Closing a cut-off upstream response only closes a socket; if even that
+# hangs, give up on it rather than hold the request open.
+CLOSE_TIMEOUT_SECONDS: Final = 5.0
+# Headers the client sends that the proxy replaces: httpx sets Host to the
+# upstream's.
+_REQUEST_HEADERS_REPLACED: Final = frozenset({b"host"})
+
+logger = logging.getLogger(__name__)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while the proxy was reading its request body."""
+
+
+class _Client:
+    """The client's side of one exchange: its body, then its disconnect."""
+
+    def __init__(self, receive: Receive, has_body: bool) -> None:
+        self._receive = receive
+        self.body_done = trio.Event()
+        self.gone = False
+        self.answered = False
+        if not has_body:
+            self.body_done.set()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Yield the request body as it arrives, without reading it whole."""
+        while not self.body_done.is_set():
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if not message.get("more_body", False):
+                self.body_done.set()
+            if chunk:
+                yield chunk
+
+    async def watch(self, exchange: trio.CancelScope) -> None:
+        """Cancel ``exchange`` as soon as the client disconnects."""
+        await self.body_done.wait()
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                exchange.cancel()
+                return
+
+
+def error_body(exc: ProxyError) -> bytes:
+    """Return the OpenAI-style JSON error body for ``exc``."""
+    return orjson.dumps(
+        {"error": {"message": str(exc), "type": "proxy_error", "code": exc.code}}
+    )
+
+
+async def send_error(send: Send, exc: ProxyError) -> None:
+    """Answer with ``exc``'s status and an OpenAI-style JSON error body."""
+    body = error_body(exc)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class ProxyApp:
+    """ASGI app that forwards every HTTP request to one upstream.
+
+    Args:
+        upstream_url: base URL of the upstream; the request's path and query
+            are appended to it.
+        client: the shared httpx client (see ``create_upstream_client``); the
+            caller owns it and closes it.
+    """
+
+    def __init__(self, upstream_url: str, client: httpx.AsyncClient) -> None:
+        self._upstream_url = upstream_url
+        self._upstream = Upstream.from_url(upstream_url)
+        self._client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            # WebSocket proxying is not supported: refuse the handshake (403).
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        client = _Client(receive, has_request_body(scope["headers"]))
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as exchange:
+                nursery.start_soon(client.watch, exchange)
+                await self._exchange(scope, client, send)
+            nursery.cancel_scope.cancel()
+        if client.gone and not client.answered:
+            note_outcome(scope, "client_disconnected", "client closed the connection")
+
+    async def _exchange(self, scope: Scope, client: _Client, send: Send) -> None:
+        try:
+            request = self._build_request(scope, client)
+        except ClientError as exc:
+            note_outcome(scope, "ok", str(exc))
+            client.answered = True
+            await send_error(send, exc)
+            return
+        try:
+            response = await self._client.send(request, stream=True)
+        except _ClientGone:
+            return
+        except httpx.HTTPError as exc:
+            if client.gone:
+                return
+            error = convert_error(exc, self._upstream_url)
+            _note_error(scope, error)
+            client.answered = True
+            await send_error(send, error)
+            return
+        try:
+            await self._relay(scope, client, response, send)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as cleanup:
+                cleanup.shield = True
+                await response.aclose()
+
+    def _build_request(self, scope: Scope, client: _Client) -> httpx.Request:
+        headers = end_to_end_headers(
+            scope["headers"], also_drop=_REQUEST_HEADERS_REPLACED
+        )
+        url = self._upstream.target(
+            scope.get("raw_path") or scope["path"].encode("utf-8"),
+            scope.get("query_string", b""),
+        )
+        content = None if client.body_done.is_set() else client.body()
+        return httpx.Request(scope["method"], url, headers=headers, content=content)
+
+    async def _relay(
+        self, scope: Scope, client: _Client, response: httpx.Response, send: Send
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": end_to_end_headers(response.headers.raw),
+            }
+        )
+        message: Message = {
+            "type": "http.response.body",
+            "body": b"",
+            "more_body": True,
+        }
+        try:
+            async for chunk in response.aiter_raw():
+                message["body"] = chunk
+                await send(message)
+        except httpx.HTTPError as exc:
+            # The head is out: all that is left is to cut the client's stream
+            # short (by not finishing it), so it cannot pass for complete.
+            _note_error(scope, convert_error(exc, self._upstream_url))
+            return
+        # From here on a disconnect is the client leaving after the answer.
+        client.answered = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _note_error(scope: Scope, error: UpstreamError) -> None:
+    outcome = (
+        "upstream_timeout" if isinstance(error, UpstreamTimeout) else "upstream_error"
+    )
+    note_outcome(scope, outcome, str(error))

@@ -1,0 +1,247 @@
+"""Running the proxy: Hypercorn, the shared client, the bus and its sinks.
+
+Ownership, from the outside in: :func:`serve` owns the event pipeline (the
+in-process bus, the sinks and their dispatcher tasks, and the Redis bus when
+configured), then the upstream client, then Hypercorn, which owns a task per
+connection and per request. Shutdown runs the other way: Hypercorn stops
+accepting and gives in-flight requests until the deadline, then the bus is
+closed and drained into the sinks within the same deadline, then the sinks
+are flushed, fsynced and closed.
+
+When the bus is Redis, the in-process bus still feeds this process's own
+sinks (so ``--file-event-log`` records the events this process published,
+each once), and one more subscriber forwards every event to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._app import create_app
+from ._bus import EventBus
+from ._config import ProxyConfig
+from ._dispatch import Dispatcher
+from ._event import Event
+from ._memory_bus import InMemoryEventBus
+from ._sinks import JsonlFileSink, Sink
+from ._upstream import create_upstream_client
+
+# An idle client connection is closed after this long; LLM clients reuse
+# connections between calls, so this is longer than Hypercorn's default.
+KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
+LISTEN_BACKLOG = 1024
+# The drain of the bus gets at least this long, even when in-flight requests
+# used up the whole shutdown timeout.
+MIN_DRAIN_SECONDS = 1.0
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class ServerHandle:
+    """What :func:`serve` reports once it accepts connections.
+
+    Attributes:
+        addresses: the bound addresses, such as ``["http://127.0.0.1:8080"]``.
+        bus: the in-process bus; subscribe to it to receive every event.
+    """
+
+    addresses: list[str]
+    bus: EventBus
+    _shutdown: trio.Event
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: stop accepting, finish, drain, return."""
+        self._shutdown.set()
+
+
+def hypercorn_config(config: ProxyConfig) -> HypercornConfig:
+    """Return Hypercorn settings that suit a transparent proxy."""
+    hyper = HypercornConfig()
+    hyper.bind = [config.listen]
+    # The proxy adds nothing of its own: the upstream's Date and Server pass.
+    hyper.include_date_header = False
+    hyper.include_server_header = False
+    hyper.graceful_timeout = config.shutdown_timeout
+    hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_SECONDS
+    hyper.backlog = LISTEN_BACKLOG
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    return hyper
+
+
+def _default_sinks(config: ProxyConfig) -> list[Sink]:
+    if config.file_event_log is None:
+        return []
+    return [JsonlFileSink(config.file_event_log)]
+
+
+async def _drain_into(
+    bus: InMemoryEventBus,
+    name: str,
+    deliver: Callable[[Sequence[Event]], Awaitable[object]],
+    scopes: list[trio.CancelScope],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one subscriber of ``bus`` until the bus closes and it has drained.
+
+    The subscriber shields itself from outside cancellation: the pipeline
+    ends it by closing the bus, or, at the drain deadline, through its scope.
+    """
+    with trio.CancelScope(shield=True) as scope:
+        scopes.append(scope)
+        async with bus.subscribe(name) as subscription:
+            task_status.started()
+            async for batch in subscription:
+                await deliver(batch)
+
+
+@asynccontextmanager
+async def open_event_pipeline(
+    config: ProxyConfig,
+    sinks: Sequence[Sink],
+    drain_deadline: Callable[[], float],
+) -> AsyncIterator[InMemoryEventBus]:
+    """Open the bus with its sinks (and Redis forwarding); drain it on exit.
+
+    ``drain_deadline`` is called when the block exits and returns the Trio
+    time by which the drain must be done; what is not delivered by then is
+    counted and logged as lost. Closing the sinks (fsync) and the Redis bus
+    then gets a short grace period of its own.
+    """
+    bus = InMemoryEventBus(config.buffer_size)
+    scopes: list[trio.CancelScope] = []
+    dispatchers = [Dispatcher(sink) for sink in sinks]
+    async with AsyncExitStack() as stack:
+        # Sinks and the Redis bus shield their own closing (fsync, flush).
+        for sink in sinks:
+            await stack.enter_async_context(sink)
+        redis_bus = None
+        if config.event_bus == "redis":
+            redis_bus = await stack.enter_async_context(_redis_bus(config))
+        async with trio.open_nursery() as nursery:
+            for dispatcher in dispatchers:
+                name, deliver = dispatcher.sink.name, dispatcher.deliver
+                await nursery.start(partial(_drain_into, bus, name, deliver, scopes))
+            if redis_bus is not None:
+                forward = partial(_forward, redis_bus)
+                await nursery.start(partial(_drain_into, bus, "redis", forward, scopes))
+            try:
+                yield bus
+            finally:
+                # Never less than a moment, so events published by requests
+                # cut at the shutdown deadline still reach the sinks.
+                deadline = max(
+                    drain_deadline(), trio.current_time() + MIN_DRAIN_SECONDS
+                )
+                bus.close()
+                for dispatcher in dispatchers:
+                    dispatcher.stopping.set()
+                for scope in scopes:
+                    scope.deadline = deadline
+                _log_drain_start(bus)
+            # Leaving the nursery waits for every subscriber to drain (they
+            # are shielded, and bounded by the deadline just set).
+    _log_drain_result(bus, dispatchers)
+
+
+async def _forward(redis_bus: EventBus, batch: Sequence[Event]) -> None:
+    for event in batch:
+        redis_bus.publish(event)
+
+
+def _redis_bus(config: ProxyConfig) -> EventBus:
+    from ._redis_bus import RedisEventBus
+
+    return RedisEventBus(
+        config.redis_url,
+        stream=config.redis_stream,
+        maxlen=config.redis_stream_maxlen,
+        buffer_size=config.buffer_size,
+    )
+
+
+def _log_drain_start(bus: InMemoryEventBus) -> None:
+    waiting = bus.statistics().buffered
+    if waiting:
+        logger.info("draining %d event(s) into the sinks", waiting)
+
+
+def _log_drain_result(bus: InMemoryEventBus, dispatchers: Sequence[Dispatcher]) -> None:
+    stats = bus.statistics()
+    lost = stats.buffered + sum(d.stats.failed for d in dispatchers)
+    dropped = stats.dropped + sum(s.dropped for s in stats.subscribers.values())
+    if lost:
+        logger.error("%d event(s) were lost: the drain did not finish in time", lost)
+    if dropped:
+        logger.warning(
+            "%d event(s) were dropped by full buffers while running", dropped
+        )
+    logger.info("event bus drained: %d event(s) published", stats.published)
+
+
+async def serve(
+    config: ProxyConfig,
+    *,
+    sinks: Sequence[Sink] = (),
+    enrich: Callable[[Event], Event] | None = None,
+    task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy until shut down; start it with ``nursery.start(serve, config)``.
+
+    Reports a :class:`ServerHandle` (bound addresses, the bus) once it
+    accepts connections. It returns after a graceful shutdown, asked for with
+    :meth:`ServerHandle.shutdown`; when its cancel scope is cancelled instead,
+    in-flight requests are cut, but the events already published are still
+    drained into the sinks within ``config.shutdown_timeout``.
+
+    Args:
+        config: the proxy's configuration.
+        sinks: sinks to feed besides ``config.file_event_log``; ``serve``
+            enters them and closes them.
+        enrich: optional hook that returns each event to publish.
+    """
+    shutdown_requested = trio.Event()
+    shutdown_started: list[float] = []
+
+    async def wait_for_shutdown() -> None:
+        await shutdown_requested.wait()
+        shutdown_started.append(trio.current_time())
+        logger.info("shutting down: finishing in-flight requests")
+
+    def drain_deadline() -> float:
+        start = shutdown_started[0] if shutdown_started else trio.current_time()
+        return start + config.shutdown_timeout
+
+    all_sinks = [*_default_sinks(config), *sinks]
+    async with open_event_pipeline(config, all_sinks, drain_deadline) as bus:
+        async with create_upstream_client(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            max_connections=config.max_upstream_connections,
+        ) as client:
+            app = create_app(config, bus, client, enrich=enrich)
+            async with trio.open_nursery() as nursery:
+                addresses = await nursery.start(
+                    partial(
+                        hypercorn_serve,
+                        # Hypercorn types apps with its own TypedDicts; ours
+                        # use plain mappings of the same ASGI messages.
+                        app,  # type: ignore[arg-type]
+                        hypercorn_config(config),
+                        shutdown_trigger=wait_for_shutdown,
+                    )
+                )
+                logger.info(
+                    "proxying %s on %s", config.upstream_url, ", ".join(addresses)
+                )
+                task_status.started(ServerHandle(addresses, bus, shutdown_requested))

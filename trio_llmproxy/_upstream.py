@@ -1,0 +1,165 @@
+"""The upstream side of the proxy: target URLs, header rules, the httpx client.
+
+This module is the only one that talks httpx; it converts httpx's errors into
+:class:`~trio_llmproxy.UpstreamError` and :class:`~trio_llmproxy.UpstreamTimeout`.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import re
+from collections.abc import Iterable
+from typing import Final
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+
+from ._errors import ClientError, UpstreamError, UpstreamTimeout
+from ._redact import redact_url
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1): they describe one connection,
+# so they never cross the proxy, in either direction.
+HOP_BY_HOP_HEADERS: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A dot segment, plain or percent-encoded, between slashes or at the end.
+_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
+
+class _RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
+    """Keeps httpx from storing the upstream's cookies in the shared client.
+
+    Cookies belong to the proxy's clients; a shared jar would grow without
+    bound and hand one client's cookies to the next.
+    """
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
+        return False
+
+
+def create_upstream_client(
+    *, connect_timeout: float, read_timeout: float, max_connections: int
+) -> httpx.AsyncClient:
+    """Return the one shared client that forwards requests upstream.
+
+    ``read_timeout`` bounds the wait for the response head and for each chunk
+    after it, and the wait to send each chunk of a request body.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=connect_timeout,
+            read=read_timeout,
+            write=read_timeout,
+            pool=connect_timeout,
+        ),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=min(max_connections, 100),
+        ),
+        cookies=http.cookiejar.CookieJar(policy=_RefuseAllCookies()),
+        follow_redirects=False,
+    )
+
+
+@attrs.frozen
+class Upstream:
+    """Where requests go: scheme, host, port and base path of the upstream."""
+
+    scheme: str
+    host: str
+    port: int | None
+    base_path: bytes
+
+    @classmethod
+    def from_url(cls, url: str) -> Upstream:
+        """Split an upstream URL such as ``http://h:9/base``."""
+        parts = urlsplit(url)
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname or "",
+            port=parts.port,
+            base_path=parts.path.rstrip("/").encode("ascii"),
+        )
+
+    def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        """Return the upstream URL for a request's raw path and query string.
+
+        The host always comes from the upstream, never from the request: an
+        absolute-form request target contributes only its path.
+
+        Raises:
+            ClientError: the path holds ``.`` or ``..`` segments, which could
+                climb out of the upstream's base path.
+        """
+        if not raw_path.startswith(b"/"):
+            raw_path = _path_of_absolute_form(raw_path)
+        if _DOT_SEGMENT.search(raw_path):
+            msg = "the request path must not contain '.' or '..' segments"
+            raise ClientError(msg)
+        full = self.base_path + raw_path
+        if query:
+            full += b"?" + query
+        return httpx.URL(
+            scheme=self.scheme, host=self.host, port=self.port, raw_path=full
+        )
+
+
+def _path_of_absolute_form(target: bytes) -> bytes:
+    if target == b"*":
+        msg = "the request target '*' is not supported"
+        raise ClientError(msg)
+    path = urlsplit(target).path
+    if not path.startswith(b"/"):
+        msg = "the request target must be a path or an absolute URL"
+        raise ClientError(msg)
+    return path
+
+
+def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(listed)
+
+
+def end_to_end_headers(
+    headers: Iterable[tuple[bytes, bytes]], *, also_drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """Return ``headers`` without hop-by-hop ones, order and repeats kept."""
+    headers = list(headers)
+    drop = HOP_BY_HOP_HEADERS | also_drop | _connection_listed(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def has_request_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether request headers announce a body (chunked or a non-zero length)."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length" and value.strip() not in (b"", b"0"):
+            return True
+    return False
+
+
+def convert_error(exc: httpx.HTTPError, upstream_url: str) -> UpstreamError:
+    """Turn an httpx error into our error type, with a message for the client."""
+    where = redact_url(upstream_url)
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamTimeout(f"timed out connecting to the upstream {where}")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"the upstream {where} did not answer in time")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError(f"cannot connect to the upstream {where}")
+    return UpstreamError(
+        f"the upstream {where} broke the exchange: {type(exc).__name__}"
+    )
