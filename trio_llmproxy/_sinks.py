@@ -125,8 +125,9 @@ class JsonlFileSink(Sink):
             msg = f"event log {str(self.path)!r} is not open"
             raise SinkError(msg)
         data = memoryview(encode_lines(events))
-        start = os.lseek(fd, 0, os.SEEK_END)
+        start: int | None = None
         try:
+            start = os.lseek(fd, 0, os.SEEK_END)
             while data:
                 written = os.write(fd, data)
                 data = data[written:]
@@ -134,7 +135,8 @@ class JsonlFileSink(Sink):
                 os.fsync(fd)
                 self._last_fsync = time.monotonic()
         except OSError as exc:
-            self._cut_back(fd, start)
+            if start is not None:
+                self._cut_back(fd, start)
             msg = f"cannot append to {str(self.path)!r}: {exc.strerror}"
             raise SinkError(msg, permanent=exc.errno == errno.EBADF) from exc
 
