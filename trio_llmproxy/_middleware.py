@@ -72,6 +72,14 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation, bare or grouped by a nursery."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return isinstance(exc, trio.Cancelled)
+
+
 @attrs.frozen(kw_only=True)
 class CaptureSettings:
     """What the middleware keeps of each exchange.
@@ -230,11 +238,11 @@ class InstrumentationMiddleware:
 
         try:
             await self._app(scope, recording_receive, recording_send)
-        except trio.Cancelled:
-            recorder.note(*self._cancelled_outcome(recorder))
-            raise
         except BaseException as exc:
-            recorder.note("upstream_error", f"{type(exc).__name__}: {exc}")
+            if _is_cancellation(exc):
+                recorder.note(*self._cancelled_outcome(recorder))
+            else:
+                recorder.note("upstream_error", f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self._publish(scope, recorder)
