@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Self
 
 import attrs
 import trio
@@ -57,7 +58,8 @@ class Subscription(abc.ABC):
 
     Iterate it (``async for batch in subscription``) to receive batches; the
     iteration ends once the bus is closed and everything published before is
-    delivered. Call :meth:`ack` when a batch is safely stored.
+    delivered. Call :meth:`ack` when a batch is safely stored. Or iterate
+    :meth:`events` to receive one event at a time, acknowledged for you.
     """
 
     @abc.abstractmethod
@@ -75,16 +77,49 @@ class Subscription(abc.ABC):
         Buses that cannot redeliver need not override this.
         """
 
-    def __aiter__(self) -> AsyncIterator[Sequence[Event]]:
-        return self._batches()
+    # An iterator object rather than an async generator: a loop may ``break``
+    # out of it without leaving a generator for the garbage collector (which
+    # Trio warns about).
+    def __aiter__(self) -> Self:
+        return self
 
-    async def _batches(self) -> AsyncIterator[Sequence[Event]]:
-        while True:
-            try:
-                batch = await self.receive_batch()
-            except trio.EndOfChannel:
-                return
-            yield batch
+    async def __anext__(self) -> Sequence[Event]:
+        try:
+            return await self.receive_batch()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def events(self) -> AsyncIterator[Event]:
+        """Return an async iterator of single events, in order, until the end.
+
+        Each batch is acknowledged once the loop asks for the event after its
+        last one, so on a bus that redelivers, an event whose loop body did
+        not finish is handed out again. Breaking out of the loop is fine.
+        """
+        return _Events(self)
+
+
+@attrs.define
+class _Events:
+    """What :meth:`Subscription.events` returns: the batches, one event at a time."""
+
+    _subscription: Subscription
+    _batch: Sequence[Event] = ()
+    _next: int = 0
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._next == len(self._batch):
+            done, self._batch, self._next = self._batch, (), 0
+            if done:
+                await self._subscription.ack(done)
+            # StopAsyncIteration, once the subscription ends, ends this too.
+            self._batch = await self._subscription.__anext__()
+        event = self._batch[self._next]
+        self._next += 1
+        return event
 
 
 class EventBus(abc.ABC):
