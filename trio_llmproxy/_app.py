@@ -3,13 +3,21 @@
 :func:`create_app` stacks the pieces: ``GET /healthz`` is answered here and
 never forwarded or recorded; every other HTTP request goes through the
 instrumentation middleware to the forwarding app.
+
+The upstream client is either the caller's (``serve`` passes its own) or the
+app's: then the ASGI lifespan owns it, opening it at ``lifespan.startup`` and
+closing it at ``lifespan.shutdown``, or when the lifespan task is cancelled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final
 
+import attrs
 import httpx
+import trio
 
 from ._asgi import ASGIApp, Receive, Scope, Send
 from ._bus import EventBus
@@ -17,8 +25,12 @@ from ._config import ProxyConfig
 from ._event import Event
 from ._middleware import CaptureSettings, InstrumentationMiddleware
 from ._proxy import ProxyApp
+from ._upstream import create_upstream_client
 
 HEALTH_PATH = "/healthz"
+# Closing the owned client only closes sockets; if that hangs, give up on it
+# rather than hold up the server's shutdown.
+CLIENT_CLOSE_TIMEOUT_SECONDS: Final = 5.0
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -30,6 +42,61 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+@attrs.define
+class _OwnedUpstream:
+    """The forwarding app of a proxy app that owns its upstream client.
+
+    The client lives from the lifespan's startup to its shutdown; one server
+    at a time may run the app.
+    """
+
+    config: ProxyConfig
+    proxy: ProxyApp | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        config = self.config
+        client = create_upstream_client(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            max_connections=config.max_upstream_connections,
+        )
+        self.proxy = ProxyApp(config.upstream_url, client)
+        try:
+            yield
+        finally:
+            self.proxy = None
+            # Runs on cancellation too (a cancelled server skips the lifespan
+            # shutdown message), so the sockets are always closed.
+            with trio.move_on_after(CLIENT_CLOSE_TIMEOUT_SECONDS, shield=True):
+                await client.aclose()
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        if self.proxy is not None:
+            msg = "this proxy app is already running; create one app per server"
+            await send({"type": "lifespan.startup.failed", "message": msg})
+            return
+        async with self.running():
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy = self.proxy
+        if proxy is None:
+            msg = (
+                "the proxy app has no upstream client: create_app() without a "
+                "client needs a server that runs the ASGI lifespan (Hypercorn "
+                "does), or pass client=create_upstream_client(...)"
+            )
+            raise RuntimeError(msg)
+        await proxy(scope, receive, send)
 
 
 async def _health(send: Send) -> None:
@@ -55,22 +122,34 @@ def capture_settings(config: ProxyConfig) -> CaptureSettings:
 def create_app(
     config: ProxyConfig,
     bus: EventBus,
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient | None = None,
     *,
     enrich: Callable[[Event], Event] | None = None,
 ) -> ASGIApp:
     """Return the proxy as an ASGI app, to serve with one's own Hypercorn.
 
+    Only ``config``'s upstream, capture caps, secret headers and upstream
+    timeouts apply; the listening address and the event bus settings are the
+    server's business. The caller owns ``bus``: the app only publishes to it.
+
     Args:
         config: the proxy's configuration (upstream, capture caps, secrets).
         bus: where each request's event is published.
         client: the shared upstream client, from ``create_upstream_client``;
-            the caller owns it and closes it after the server stops.
+            the caller owns it and closes it after the server stops. Without
+            it the app makes its own from ``config`` and owns it through the
+            ASGI lifespan, which the server must run (Hypercorn does).
         enrich: optional hook that returns each event to publish, for adding
             fields (see docs/embedding.md).
     """
+    owned: _OwnedUpstream | None = None
+    forward: ASGIApp
+    if client is None:
+        forward = owned = _OwnedUpstream(config)
+    else:
+        forward = ProxyApp(config.upstream_url, client)
     recorded = InstrumentationMiddleware(
-        ProxyApp(config.upstream_url, client),
+        forward,
         bus,
         capture_settings(config),
         enrich=enrich,
@@ -79,7 +158,10 @@ def create_app(
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            if owned is not None:
+                await owned.lifespan(receive, send)
+            else:
+                await _lifespan(receive, send)
         elif (
             kind == "http" and scope["path"] == HEALTH_PATH and scope["method"] == "GET"
         ):
