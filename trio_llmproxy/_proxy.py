@@ -68,7 +68,13 @@ class _Client:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 self.gone = True
-                exchange.cancel()
+                # Hypercorn also reports a disconnect while the last body
+                # message is being sent; cancelling that send would abort
+                # the server's own bookkeeping for the connection (its
+                # keep-alive timer, which also closes idle connections on
+                # shutdown).
+                if not self.answered:
+                    exchange.cancel()
                 return
 
 
