@@ -288,7 +288,10 @@ class InstrumentationMiddleware:
         ]
         headers.append((REQUEST_ID_HEADER, request_id))
         recorder.status = int(message["status"])
-        recorder.response_headers = headers
+        # Apps may send names in any case (the proxy passes the upstream's
+        # as they came); the event, redaction and the lookups of
+        # Content-Type, -Length and -Encoding all expect lower case.
+        recorder.response_headers = [(name.lower(), value) for name, value in headers]
         return {**message, "headers": headers}
 
     @staticmethod
