@@ -52,9 +52,12 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-def _is_streamed(headers: list[tuple[bytes, bytes]]) -> bool:
+def _is_streamed(headers: list[tuple[bytes, bytes]], status: int, method: str) -> bool:
     """Whether a response was streamed: SSE, or sent without a length."""
     if not headers:
+        return False
+    if status < 200 or status in (204, 304) or method == "HEAD":
+        # These never carry a body, so a missing length says nothing.
         return False
     content_type = _header(headers, b"content-type") or b""
     if content_type.startswith(b"text/event-stream"):
@@ -346,7 +349,7 @@ class InstrumentationMiddleware:
             response_body_content_encoding=None
             if content_encoding is None
             else content_encoding.decode("latin-1"),
-            streamed=_is_streamed(response_headers),
+            streamed=_is_streamed(response_headers, recorder.status, scope["method"]),
             outcome=recorder.outcome or "ok",
             error=recorder.error,
         )
