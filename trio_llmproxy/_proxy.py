@@ -184,8 +184,9 @@ class ProxyApp:
             "body": b"",
             "more_body": True,
         }
+        chunks = response.aiter_raw()
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in chunks:
                 message["body"] = chunk
                 await send(message)
         except httpx.HTTPError as exc:
@@ -193,9 +194,29 @@ class ProxyApp:
             # short (by not finishing it), so it cannot pass for complete.
             _note_error(scope, convert_error(exc, self._upstream_url))
             return
+        except BaseException:
+            await _finish_cut(response, chunks)
+            raise
         # From here on a disconnect is the client leaving after the answer.
         client.answered = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _finish_cut(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
+    """Close a response cut mid-stream and run its chunk iterator to the end.
+
+    Cut while sending (cancelled), the iterator is left suspended, and with
+    it the async generators nested inside httpx and httpcore; garbage
+    collected unfinished, each makes Trio warn. Once the connection is
+    closed, resuming the iterator ends them all at once, with a read error.
+    """
+    with trio.move_on_after(CLOSE_TIMEOUT_SECONDS, shield=True):
+        await response.aclose()
+        try:
+            async for _ in chunks:
+                pass
+        except Exception as exc:
+            logger.debug("after a cut stream: %r", exc)
 
 
 def _note_error(scope: Scope, error: UpstreamError) -> None:
