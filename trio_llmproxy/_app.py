@@ -7,6 +7,8 @@ instrumentation middleware to the forwarding app.
 The upstream client is either the caller's (``serve`` passes its own) or the
 app's: then the ASGI lifespan owns it, opening it at ``lifespan.startup`` and
 closing it at ``lifespan.shutdown``, or when the lifespan task is cancelled.
+It reaches the requests through the lifespan state, so each server that
+runs the app has a client of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from ._proxy import ProxyApp
 from ._upstream import create_upstream_client
 
 HEALTH_PATH = "/healthz"
+# The key of the forwarding app in the ASGI lifespan state, when the app owns
+# its client.
+STATE_KEY: Final = "trio_llmproxy.proxy"
 # Closing the owned client only closes sockets; if that hangs, give up on it
 # rather than hold up the server's shutdown.
 CLIENT_CLOSE_TIMEOUT_SECONDS: Final = 5.0
@@ -44,51 +49,53 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-@attrs.define
+@attrs.frozen
 class _OwnedUpstream:
     """The forwarding app of a proxy app that owns its upstream client.
 
-    The client lives from the lifespan's startup to its shutdown; one server
-    at a time may run the app.
+    Each server that runs the app gets a client from the lifespan's startup
+    to its shutdown, handed to its requests in the lifespan state.
     """
 
     config: ProxyConfig
-    proxy: ProxyApp | None = None
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    async def _running(self) -> AsyncIterator[ProxyApp]:
         config = self.config
         client = create_upstream_client(
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_connections=config.max_upstream_connections,
         )
-        self.proxy = ProxyApp(config.upstream_url, client)
         try:
-            yield
+            yield ProxyApp(config.upstream_url, client)
         finally:
-            self.proxy = None
             # Runs on cancellation too (a cancelled server skips the lifespan
             # shutdown message), so the sockets are always closed.
             with trio.move_on_after(CLIENT_CLOSE_TIMEOUT_SECONDS, shield=True):
                 await client.aclose()
 
-    async def lifespan(self, receive: Receive, send: Send) -> None:
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] != "lifespan.startup":
             return
-        if self.proxy is not None:
-            msg = "this proxy app is already running; create one app per server"
+        state = scope.get("state")
+        if state is None:
+            msg = (
+                "the server has no ASGI lifespan state for the proxy's upstream "
+                "client; pass create_app() a client of your own"
+            )
             await send({"type": "lifespan.startup.failed", "message": msg})
             return
-        async with self.running():
+        async with self._running() as proxy:
+            state[STATE_KEY] = proxy
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
         await send({"type": "lifespan.shutdown.complete"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        proxy = self.proxy
+        proxy = (scope.get("state") or {}).get(STATE_KEY)
         if proxy is None:
             msg = (
                 "the proxy app has no upstream client: create_app() without a "
@@ -159,7 +166,7 @@ def create_app(
         kind = scope["type"]
         if kind == "lifespan":
             if owned is not None:
-                await owned.lifespan(receive, send)
+                await owned.lifespan(scope, receive, send)
             else:
                 await _lifespan(receive, send)
         elif (
