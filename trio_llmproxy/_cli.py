@@ -123,6 +123,9 @@ def _setup_logging(level: str) -> None:
     if level.lower() != "debug":
         # httpx logs every upstream request at INFO; our access log has them.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpcore's DEBUG trace prints the upstream's response headers verbatim
+    # (Set-Cookie included), so it stays off even at --log-level debug.
+    logging.getLogger("httpcore").setLevel(logging.INFO)
     for variable, why in DEPRECATED_VARIABLES.items():
         if variable in os.environ:
             logger.warning("%s is deprecated: %s", variable, why)
