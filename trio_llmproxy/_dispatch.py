@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import tenacity
 import trio
 
 from ._bus import Subscription
-from ._errors import SinkError
+from ._errors import ConfigError, SinkError
 from ._event import Event
+from ._redact import redact_url
+from ._redis_bus import DEFAULT_STREAM, RedisEventBus, check_redis_url
 from ._sinks import Sink
 
 logger = logging.getLogger(__name__)
@@ -163,3 +166,179 @@ class _StopWhenSet(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self._event.is_set()
+
+
+def _redis_url(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    check_redis_url(value)
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value <= 0:
+        msg = f"{attribute.name} must be > 0, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 0:
+        msg = f"{attribute.name} must be >= 0, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _not_empty(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value == "":
+        msg = f"{attribute.name} must not be empty"
+        raise ConfigError(msg)
+
+
+@attrs.frozen(kw_only=True)
+class DispatcherConfig:
+    """Everything :func:`serve_dispatcher` needs; times are in seconds.
+
+    ``consumer_group`` defaults to the sink's name (``file``, ``http``...), so
+    that each kind of dispatcher is one group; ``consumer_name`` defaults to
+    one unique to the process. Give a stable ``consumer_name`` to let a
+    restarted dispatcher take up the entries it left pending at once, rather
+    than after ``claim_idle_seconds``.
+
+    Raises:
+        ConfigError: a field is out of range; the message names it.
+    """
+
+    redis_url: str = attrs.field(
+        default="redis://127.0.0.1:6379/0", validator=_redis_url, repr=redact_url
+    )
+    stream: str = attrs.field(default=DEFAULT_STREAM, validator=_not_empty)
+    consumer_group: str | None = attrs.field(default=None, validator=_not_empty)
+    consumer_name: str | None = attrs.field(default=None, validator=_not_empty)
+    batch_size: int = attrs.field(default=100, validator=_positive)
+    flush_interval: float = attrs.field(default=1.0, validator=_non_negative)
+    claim_idle_seconds: float = attrs.field(default=60.0, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
+    block_seconds: float = attrs.field(default=1.0, validator=_positive)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+
+
+@attrs.define
+class _DispatchRun:
+    """One run of :func:`serve_dispatcher`, and how it stops.
+
+    Stopping cancels a read in progress (whatever it fetched stays pending in
+    the group), cuts the dispatcher's backoff short and gives the batch in
+    hand ``shutdown_timeout`` seconds to be delivered and acknowledged.
+    """
+
+    dispatcher: Dispatcher
+    shutdown_timeout: float
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    stopping: bool = False
+    running: bool = False
+    in_hand: int = 0
+    _read_scope: trio.CancelScope | None = None
+
+    async def stop_when_set(self, event: trio.Event) -> None:
+        await event.wait()
+        self.stopping = True
+        self.dispatcher.stopping.set()
+        if not self.running:
+            # Still connecting or subscribing: there is nothing to finish.
+            self.scope.cancel()
+            return
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self.scope.deadline = trio.current_time() + self.shutdown_timeout
+
+    async def run(self, subscription: Subscription) -> None:
+        self.running = True
+        while not self.stopping:
+            with trio.CancelScope() as self._read_scope:
+                try:
+                    batch = await subscription.receive_batch()
+                except trio.EndOfChannel:
+                    return
+            self._read_scope = None
+            if self.stopping:
+                # The read was cut short, or came back as stopping began:
+                # what it fetched stays pending, to be claimed later.
+                return
+            self.in_hand = len(batch)
+            accepted = await self.dispatcher.deliver(batch)
+            if accepted:
+                await subscription.ack(batch[:accepted])
+            self.in_hand = 0
+
+
+async def serve_dispatcher(
+    config: DispatcherConfig,
+    sink: Sink,
+    *,
+    stopping: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Deliver the events of the Redis stream to ``sink`` until ``stopping``.
+
+    Reads as a consumer of the group ``config.consumer_group`` (by default
+    the sink's name), delivering each batch with retries and acknowledging
+    what the sink took. While Redis is unavailable it waits and reconnects.
+    ``sink`` must already be open (entered); this function neither opens nor
+    closes it.
+
+    Calls ``task_status.started()`` once subscribed (the group exists). When
+    ``stopping`` is set it stops reading, cuts a backoff sleep short, makes
+    one last attempt at the batch in hand and acknowledges what got through,
+    all within ``config.shutdown_timeout``; the rest stays pending in the
+    group, for this or another consumer to take later. Then it returns
+    normally. If ``stopping`` is set before the subscription is open, it
+    returns at once without calling ``task_status.started()``.
+    """
+    group = config.consumer_group or sink.name
+    bus = RedisEventBus(
+        config.redis_url,
+        stream=config.stream,
+        claim_idle_seconds=config.claim_idle_seconds,
+        consumer_name=config.consumer_name,
+        block_seconds=config.block_seconds,
+    )
+    dispatcher = Dispatcher(sink, retry=config.retry)
+    run = _DispatchRun(dispatcher, config.shutdown_timeout)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run.stop_when_set, stopping)
+        with run.scope:
+            async with (
+                bus,
+                bus.subscribe(
+                    group,
+                    batch_size=config.batch_size,
+                    flush_interval=config.flush_interval,
+                ) as subscription,
+            ):
+                logger.info(
+                    "dispatching stream %r of %s to sink %r as group %r",
+                    config.stream,
+                    redact_url(config.redis_url),
+                    sink.name,
+                    group,
+                )
+                task_status.started()
+                await run.run(subscription)
+        nursery.cancel_scope.cancel()
+    _log_end(dispatcher, run)
+
+
+def _log_end(dispatcher: Dispatcher, run: _DispatchRun) -> None:
+    if run.scope.cancelled_caught and run.in_hand:
+        logger.warning(
+            "sink %r: shutdown timeout passed with %d event(s) in hand; they "
+            "stay pending in the group",
+            dispatcher.sink.name,
+            run.in_hand,
+        )
+    stats = dispatcher.stats
+    logger.info(
+        "dispatcher for sink %r stopped: %d delivered, %d rejected, %d failed, "
+        "%d retries",
+        dispatcher.sink.name,
+        stats.delivered,
+        stats.rejected,
+        stats.failed,
+        stats.retries,
+    )
