@@ -20,10 +20,12 @@ from ._errors import SinkError as SinkError
 from ._errors import UpstreamError as UpstreamError
 from ._errors import UpstreamTimeout as UpstreamTimeout
 from ._event import Event as Event
+from ._http_sink import HttpSink as HttpSink
 from ._memory_bus import InMemoryEventBus as InMemoryEventBus
 from ._middleware import CaptureSettings as CaptureSettings
 from ._middleware import InstrumentationMiddleware as InstrumentationMiddleware
 from ._middleware import note_outcome as note_outcome
+from ._redis_bus import RedisEventBus as RedisEventBus
 from ._server import ServerHandle as ServerHandle
 from ._server import serve as serve
 from ._sinks import JsonlFileSink as JsonlFileSink
@@ -41,11 +43,13 @@ __all__ = [
     "Dispatcher",
     "Event",
     "EventBus",
+    "HttpSink",
     "InMemoryEventBus",
     "InstrumentationMiddleware",
     "JsonlFileSink",
     "ProxyConfig",
     "ProxyError",
+    "RedisEventBus",
     "RetryPolicy",
     "ServerHandle",
     "Sink",
