@@ -26,7 +26,7 @@ from ._config import ProxyConfig, check_http_url, parse_listen_address
 from ._errors import ConfigError
 from ._redact import redact_url
 from ._server import ServerHandle, serve
-from ._sinks import open_event_log
+from ._sinks import JsonlFileSink, Sink, StdoutSink, open_event_log
 
 EXIT_USAGE = 2
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -62,12 +62,13 @@ class _RedisUrl(click.ParamType[str]):
     name = "URL"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        text = str(value)
-        if not text.startswith(("redis://", "rediss://", "unix://")):
-            shown = redact_url(text)
-            msg = f"must start with redis://, rediss:// or unix://, got {shown!r}"
-            self.fail(msg, param, ctx)
-        return text
+        from ._redis_bus import check_redis_url
+
+        try:
+            check_redis_url(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
 
 
 LISTEN = _ListenAddress()
@@ -290,11 +291,11 @@ def server_command(**options: Any) -> None:
     _run_until_signal(partial(serve, config), ServerHandle.shutdown)
 
 
-def _check_event_log(path: Path) -> None:
+def _check_event_log(path: Path, option: str = "file_event_log") -> None:
     try:
         os.close(open_event_log(path))
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint=_hint("file_event_log")) from exc
+        raise click.BadParameter(str(exc), param_hint=_hint(option)) from exc
 
 
 def _hint(name: str) -> str:
@@ -391,6 +392,152 @@ async def _serve_app(
         )
         logger.info("mock upstream listening on %s", ", ".join(binds))
         task_status.started(stop)
+
+
+@cli.command("dispatcher")
+@_option(
+    "--backend",
+    envvar="DISPATCHER_BACKEND",
+    type=click.Choice(["file", "stdout", "http"]),
+    required=True,
+    show_default=False,
+    help="Where events go: a JSONL file, standard output, or an HTTP endpoint.",
+)
+@_option(
+    "--file",
+    "file_path",
+    envvar="DISPATCHER_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_default="none",
+    help="JSONL file to append to (--backend file).",
+)
+@_option(
+    "--url",
+    envvar="DISPATCHER_URL",
+    type=HTTP_URL,
+    default=None,
+    show_default="none",
+    help="Endpoint that receives each batch as a JSON array (--backend http).",
+)
+@_option(
+    "--http-timeout",
+    envvar="DISPATCHER_HTTP_TIMEOUT",
+    type=POSITIVE_SECONDS,
+    default=30.0,
+    help="Seconds one POST to the endpoint may take (--backend http).",
+)
+@_redis_url_option()
+@_option(
+    "--redis-stream",
+    envvar="REDIS_STREAM",
+    default="llm-proxy-events",
+    help="Redis stream to read.",
+)
+@_option(
+    "--consumer-group",
+    envvar="DISPATCHER_CONSUMER_GROUP",
+    default=None,
+    show_default="the backend's name",
+    help="Consumer group; dispatchers of one group share the work.",
+)
+@_option(
+    "--consumer-name",
+    envvar="DISPATCHER_CONSUMER_NAME",
+    default=None,
+    show_default="unique per process",
+    help="This dispatcher's name in the group; a stable name lets a restarted "
+    "dispatcher take up what it left pending at once.",
+)
+@_option(
+    "--batch-size",
+    envvar="DISPATCHER_BATCH_SIZE",
+    type=POSITIVE_INT,
+    default=100,
+    help="Most events delivered in one batch.",
+)
+@_option(
+    "--flush-interval",
+    envvar="DISPATCHER_FLUSH_INTERVAL",
+    type=NON_NEGATIVE_SECONDS,
+    default=1.0,
+    help="Seconds a batch waits for more events once it holds one.",
+)
+@_option(
+    "--claim-idle",
+    envvar="DISPATCHER_CLAIM_IDLE",
+    type=POSITIVE_SECONDS,
+    default=60.0,
+    help="Seconds an entry may stay pending with another consumer before "
+    "this one claims it.",
+)
+@_option(
+    "--retries",
+    envvar="DISPATCHER_RETRIES",
+    type=POSITIVE_INT,
+    default=5,
+    help="Attempts per batch before it is left pending for later.",
+)
+@_option(
+    "--shutdown-timeout",
+    envvar="SHUTDOWN_TIMEOUT",
+    type=NON_NEGATIVE_SECONDS,
+    default=30.0,
+    help="Seconds to finish the batch in hand on shutdown.",
+)
+@_log_level_option()
+def dispatcher_command(**options: Any) -> None:
+    """Deliver events from the shared Redis bus to a backend."""
+    from ._dispatch import DispatcherConfig, RetryPolicy
+
+    _setup_logging(options.pop("log_level"))
+    sink = _dispatcher_sink(options)
+    config = DispatcherConfig(
+        redis_url=options["redis_url"],
+        stream=options["redis_stream"],
+        consumer_group=options["consumer_group"],
+        consumer_name=options["consumer_name"],
+        batch_size=options["batch_size"],
+        flush_interval=options["flush_interval"],
+        claim_idle_seconds=options["claim_idle"],
+        shutdown_timeout=options["shutdown_timeout"],
+        retry=RetryPolicy(attempts=options["retries"]),
+    )
+    _run_until_signal(partial(_serve_dispatcher, config, sink), trio.Event.set)
+
+
+def _dispatcher_sink(options: dict[str, Any]) -> Sink:
+    backend = options["backend"]
+    if backend == "file":
+        path = options["file_path"]
+        if path is None:
+            raise click.UsageError("--backend file needs --file PATH (DISPATCHER_FILE)")
+        _check_event_log(path, "file_path")
+        return JsonlFileSink(path)
+    if backend == "http":
+        from ._http_sink import HttpSink
+
+        if options["url"] is None:
+            raise click.UsageError("--backend http needs --url URL (DISPATCHER_URL)")
+        return HttpSink(options["url"], timeout=options["http_timeout"])
+    return StdoutSink()
+
+
+async def _serve_dispatcher(
+    config: Any, sink: Sink, *, task_status: trio.TaskStatus[trio.Event]
+) -> None:
+    """Run a dispatcher until the reported event is set, then finish up."""
+    from ._dispatch import serve_dispatcher
+
+    stopping = trio.Event()
+    task_status.started(stopping)
+    async with sink:
+        logger.info(
+            "dispatching %s to the %s backend",
+            redact_url(config.redis_url),
+            sink.name,
+        )
+        await serve_dispatcher(config, sink, stopping=stopping)
 
 
 def _fail(message: str) -> NoReturn:

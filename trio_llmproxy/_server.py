@@ -115,26 +115,22 @@ async def open_event_pipeline(
 
     ``drain_deadline`` is called when the block exits and returns the Trio
     time by which the drain must be done; what is not delivered by then is
-    counted and logged as lost. Closing the sinks (fsync) and the Redis bus
-    then gets a short grace period of its own.
+    counted and logged as lost. Closing the sinks (fsync) then gets a short
+    grace period of its own.
     """
     bus = InMemoryEventBus(config.buffer_size)
     scopes: list[trio.CancelScope] = []
     dispatchers = [Dispatcher(sink) for sink in sinks]
     async with AsyncExitStack() as stack:
-        # Sinks and the Redis bus shield their own closing (fsync, flush).
+        # Sinks shield their own closing (fsync), see Sink.__aexit__.
         for sink in sinks:
             await stack.enter_async_context(sink)
-        redis_bus = None
-        if config.event_bus == "redis":
-            redis_bus = await stack.enter_async_context(_redis_bus(config))
         async with trio.open_nursery() as nursery:
             for dispatcher in dispatchers:
                 name, deliver = dispatcher.sink.name, dispatcher.deliver
                 await nursery.start(partial(_drain_into, bus, name, deliver, scopes))
-            if redis_bus is not None:
-                forward = partial(_forward, redis_bus)
-                await nursery.start(partial(_drain_into, bus, "redis", forward, scopes))
+            if config.event_bus == "redis":
+                await nursery.start(_forward_to_redis, bus, config, scopes)
             try:
                 yield bus
             finally:
@@ -154,20 +150,34 @@ async def open_event_pipeline(
     _log_drain_result(bus, dispatchers)
 
 
-async def _forward(redis_bus: EventBus, batch: Sequence[Event]) -> None:
-    for event in batch:
-        redis_bus.publish(event)
+async def _forward_to_redis(
+    bus: InMemoryEventBus,
+    config: ProxyConfig,
+    scopes: list[trio.CancelScope],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forward every event of ``bus`` to the Redis stream, then flush.
 
-
-def _redis_bus(config: ProxyConfig) -> EventBus:
+    The Redis bus lives inside this task's shielded scope, so its writer
+    flushes what it buffered even when ``serve`` is cancelled, and stops at
+    the drain deadline set on the scope (counting what it could not write).
+    """
     from ._redis_bus import RedisEventBus
 
-    return RedisEventBus(
-        config.redis_url,
-        stream=config.redis_stream,
-        maxlen=config.redis_stream_maxlen,
-        buffer_size=config.buffer_size,
-    )
+    with trio.CancelScope(shield=True) as scope:
+        scopes.append(scope)
+        redis_bus = RedisEventBus(
+            config.redis_url,
+            stream=config.redis_stream,
+            maxlen=config.redis_stream_maxlen,
+            buffer_size=config.buffer_size,
+        )
+        async with redis_bus, bus.subscribe("redis") as subscription:
+            task_status.started()
+            async for batch in subscription:
+                for event in batch:
+                    redis_bus.publish(event)
 
 
 def _log_drain_start(bus: InMemoryEventBus) -> None:
