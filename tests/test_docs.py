@@ -175,6 +175,9 @@ async def test_events_doc_example_matches_a_real_event(
         assert _shape(documented[key]) == _shape(value), key
         if key.endswith("_headers"):
             assert sorted(documented[key]) == sorted(value), key
+        elif key == "llm":
+            # Its time to first token changes from run to run.
+            assert {**documented[key], "ttft_ms": 0} == {**value, "ttft_ms": 0}
         elif key not in VOLATILE_FIELDS:
             assert documented[key] == value, key
 

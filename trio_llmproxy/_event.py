@@ -21,6 +21,7 @@ import attrs
 import orjson
 
 from ._errors import ProxyError
+from ._llm import safe_describe_llm
 
 SCHEMA_VERSION: Final = 1
 OUTCOMES: Final = frozenset(
@@ -168,7 +169,10 @@ class Event:
     ``response_body_content_encoding`` names the content coding still applied
     to ``response_body`` (``None`` once decoded). Keys of ``extra`` are added
     to the JSON object beside the fixed fields; that is how enrichers add
-    fields of their own.
+    fields of their own. ``response_chunk_marks`` holds, for the first
+    response chunks sent, the offset in the response body where each ended
+    and when it was sent (ms since arrival); the ``llm`` object's time to
+    first token comes from them.
     """
 
     event_id: str
@@ -189,6 +193,9 @@ class Event:
     response_body_size: int
     response_body_truncated: bool
     response_body_content_encoding: str | None = None
+    response_chunk_marks: Sequence[tuple[int, float]] = attrs.field(
+        default=(), eq=False, repr=False
+    )
     streamed: bool
     outcome: str
     error: str | None
@@ -196,6 +203,9 @@ class Event:
     schema_version: int = SCHEMA_VERSION
     _json: list[bytes] = attrs.field(
         factory=list, init=False, eq=False, repr=False, alias="_json"
+    )
+    _llm: list[dict[str, Any] | None] = attrs.field(
+        factory=list, init=False, eq=False, repr=False, alias="_llm"
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,10 +240,21 @@ class Event:
             "streamed": self.streamed,
             "outcome": self.outcome,
             "error": self.error,
+            "llm": self.describe_llm(),
         }
         for key, value in self.extra.items():
             rendered.setdefault(key, value)
         return rendered
+
+    def describe_llm(self) -> dict[str, Any] | None:
+        """Return the event's ``llm`` object (see docs/events.md), computed once.
+
+        It parses the captured bodies, so only subscribers should call it (as
+        :meth:`to_dict` does); ``None`` when the call is not an LLM call.
+        """
+        if not self._llm:
+            self._llm.append(safe_describe_llm(self))
+        return self._llm[0]
 
     def to_json(self) -> bytes:
         """Return the event as one line of JSON (no newline), computed once."""
@@ -264,7 +285,7 @@ class Event:
             ProxyError: ``data`` lacks a field or holds a value of the wrong kind.
         """
         try:
-            return cls(
+            event = cls(
                 event_id=data["event_id"],
                 request_id=data["request_id"],
                 timestamp=_parse_timestamp(data["timestamp"]),
@@ -295,6 +316,12 @@ class Event:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             msg = f"not an event object: {exc!r}"
             raise ProxyError(msg) from exc
+        llm = data.get("llm")
+        if isinstance(llm, dict) or (llm is None and "llm" in data):
+            # Keep the object as written: its time to first token came from
+            # chunk timestamps that the JSON form does not carry.
+            event._llm.append(llm)
+        return event
 
     @classmethod
     def from_json(cls, line: bytes | str) -> Event:

@@ -31,6 +31,11 @@ REQUEST_ID_HEADER: Final = b"x-request-id"
 MAX_REQUEST_ID_LENGTH: Final = 128
 # The key, in the ASGI scope's "extensions", of the recorder of the exchange.
 EXTENSION_KEY: Final = "trio_llmproxy.recorder"
+# The first response chunks are marked with their end offset and send time,
+# for the llm object's time to first token, computed later. A mark costs
+# about 0.1-0.3 µs; the cap bounds the memory of a long stream (an LLM
+# stream's first content comes within its first few events).
+MAX_CHUNK_MARKS: Final = 128
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +146,7 @@ class Recorder:
     response_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     first_byte: float | None = None
     finished: float | None = None
+    chunk_marks: list[tuple[int, float]] = attrs.field(factory=list)
     answered: bool = False
     disconnected: bool = False
     outcome: str | None = None
@@ -209,6 +215,7 @@ class InstrumentationMiddleware:
         request_id = recorder.request_id.encode("ascii")
         request_body = recorder.request_body
         response_body = recorder.response_body
+        chunk_marks = recorder.chunk_marks
 
         async def recording_receive() -> Message:
             message = await receive()
@@ -226,6 +233,8 @@ class InstrumentationMiddleware:
                     if recorder.first_byte is None:
                         recorder.first_byte = time.perf_counter()
                     response_body.add(chunk)
+                    if len(chunk_marks) < MAX_CHUNK_MARKS:
+                        chunk_marks.append((response_body.size, time.perf_counter()))
                 if not message.get("more_body", False):
                     # The client has its whole answer once this send is done;
                     # a disconnect seen meanwhile is not a cut exchange.
@@ -349,6 +358,10 @@ class InstrumentationMiddleware:
             response_body_content_encoding=None
             if content_encoding is None
             else content_encoding.decode("latin-1"),
+            response_chunk_marks=[
+                (end, (at - recorder.started) * 1000.0)
+                for end, at in recorder.chunk_marks
+            ],
             streamed=_is_streamed(response_headers, recorder.status, scope["method"]),
             outcome=recorder.outcome or "ok",
             error=recorder.error,
