@@ -244,6 +244,8 @@ def _readme_configuration() -> str:
 
 
 def _documented_default(option: click.Option) -> str:
+    if option.required:
+        return "required"
     if isinstance(option.show_default, str):
         # "redis://127.0.0.1:6379/0, or from REDIS_ADDR and REDIS_DB"
         return option.show_default.split(",")[0].strip()
