@@ -15,6 +15,9 @@ The conventions (also stated in docs/index.md):
 - ``<!-- example: NAME -->`` before a block names it, so that other tests
   can load it with :func:`example` and use what it defines (a sink, a bus).
   Both markers may precede one block, one per line.
+- ``<!-- output -->`` before a block (```` ```text ````, say) that follows a
+  runnable block says that it is what that program prints; the test checks
+  it, line for line.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 README = DOCS_DIR.parent / "README.md"
 DOCS_UPSTREAM_URL = "http://127.0.0.1:9000"
 NOT_RUN_MARKER = "<!-- not-run -->"
+OUTPUT_MARKER = "<!-- output -->"
 
 _FENCE = re.compile(r"^```(\S*)")
 _NAME_MARKER = re.compile(r"^<!--\s*example:\s*([\w-]+)\s*-->$")
@@ -46,6 +50,9 @@ class CodeBlock:
     source: str
     name: str | None = None
     runnable: bool = True
+    is_output: bool = False
+    #: What the program prints, from the ``<!-- output -->`` block after it.
+    output: str | None = None
 
     @property
     def id(self) -> str:
@@ -68,9 +75,9 @@ class CodeBlock:
         return module
 
 
-def _markers(lines: list[str], fence: int) -> tuple[str | None, bool]:
+def _markers(lines: list[str], fence: int) -> tuple[str | None, bool, bool]:
     """Read the HTML comment markers on the lines right before a fence."""
-    name, runnable = None, True
+    name, runnable, is_output = None, True, False
     index = fence - 1
     while index >= 0 and not lines[index].strip():
         index -= 1
@@ -78,14 +85,29 @@ def _markers(lines: list[str], fence: int) -> tuple[str | None, bool]:
         text = lines[index].strip()
         if text == NOT_RUN_MARKER:
             runnable = False
+        elif text == OUTPUT_MARKER:
+            is_output = True
         elif found := _NAME_MARKER.match(text):
             name = found.group(1)
         index -= 1
-    return name, runnable
+    return name, runnable, is_output
 
 
-def code_blocks(path: Path) -> Iterator[CodeBlock]:
-    """Yield the fenced code blocks of the Markdown file at ``path``."""
+def code_blocks(path: Path) -> list[CodeBlock]:
+    """Return the fenced code blocks of the Markdown file at ``path``.
+
+    A block followed by an ``<!-- output -->`` block carries that block's
+    text as its :attr:`CodeBlock.output`.
+    """
+    blocks = list(_fenced_blocks(path))
+    for index, block in enumerate(blocks[:-1]):
+        after = blocks[index + 1]
+        if after.is_output:
+            blocks[index] = attrs.evolve(block, output=after.source)
+    return blocks
+
+
+def _fenced_blocks(path: Path) -> Iterator[CodeBlock]:
     lines = path.read_text(encoding="utf-8").splitlines()
     index = 0
     while index < len(lines):
@@ -97,7 +119,7 @@ def code_blocks(path: Path) -> Iterator[CodeBlock]:
         index += 1
         while index < len(lines) and not lines[index].startswith("```"):
             index += 1
-        name, runnable = _markers(lines, start)
+        name, runnable, is_output = _markers(lines, start)
         yield CodeBlock(
             path=path,
             line=start + 1,
@@ -105,6 +127,7 @@ def code_blocks(path: Path) -> Iterator[CodeBlock]:
             source="\n".join(lines[start + 1 : index]) + "\n",
             name=name,
             runnable=runnable,
+            is_output=is_output,
         )
         index += 1
 

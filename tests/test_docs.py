@@ -9,6 +9,8 @@ Conventions for docs/*.md (see tests/docs_examples.py for the details):
   listens by default); here it is replaced with a mock upstream on a free
   loopback port.
 - ``<!-- example: NAME -->`` names a block so that other tests can load it.
+- ``<!-- output -->`` marks the block after a program as what it prints; the
+  program's standard output must match it.
 - The example event in docs/events.md comes from a real run. When the event
   changes shape on purpose, regenerate it with
   ``UPDATE_DOCS=1 python -m pytest tests/test_docs.py``.
@@ -76,13 +78,18 @@ def _runnable_blocks() -> list[Any]:
 
 
 @pytest.mark.parametrize("block", _runnable_blocks())
-async def test_python_block_runs(block: CodeBlock, mock_upstream_url: str) -> None:
+async def test_python_block_runs(
+    block: CodeBlock, mock_upstream_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     module = block.load(mock_upstream_url)
 
     main = getattr(module, "main", None)
     if main is not None:
         with trio.fail_after(HANG_GUARD_SECONDS):
             await main()
+
+    if block.output is not None:
+        assert capsys.readouterr().out == block.output
 
 
 @pytest.mark.parametrize("name", REQUIRED_EXAMPLES)
@@ -339,3 +346,16 @@ def test_markers_are_read_from_the_lines_before_a_fence(tmp_path: Any) -> None:
 
     assert (first.name, first.runnable, first.source) == ("one", True, "x = 1\n")
     assert (second.name, second.runnable, second.line) == (None, False, 8)
+
+
+def test_output_block_is_attached_to_the_program_before_it(tmp_path: Any) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nprint(1)\n```\n\nIt prints:\n\n<!-- output -->\n```text\n1\n```\n",
+        encoding="utf-8",
+    )
+
+    program, output = code_blocks(page)
+
+    assert program.output == "1\n"
+    assert output.is_output
