@@ -31,6 +31,7 @@ from ._config import ProxyConfig
 from ._dispatch import Dispatcher
 from ._event import Event
 from ._memory_bus import InMemoryEventBus
+from ._metrics import ProxyMetrics
 from ._sinks import JsonlFileSink, Sink
 from ._upstream import create_upstream_client
 
@@ -89,6 +90,7 @@ async def _drain_into(
     name: str,
     deliver: Callable[[Sequence[Event]], Awaitable[object]],
     scopes: list[trio.CancelScope],
+    cut_off: list[int],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -96,13 +98,22 @@ async def _drain_into(
 
     The subscriber shields itself from outside cancellation: the pipeline
     ends it by closing the bus, or, at the drain deadline, through its scope.
+    It appends to ``cut_off`` how many events it had not delivered when it
+    ended (the batch in hand and those still waiting).
     """
     with trio.CancelScope(shield=True) as scope:
         scopes.append(scope)
         async with bus.subscribe(name) as subscription:
             task_status.started()
-            async for batch in subscription:
-                await deliver(batch)
+            in_hand = 0
+            try:
+                async for batch in subscription:
+                    in_hand = len(batch)
+                    await deliver(batch)
+                    in_hand = 0
+            finally:
+                waiting = bus.statistics().subscribers[name].buffered
+                cut_off.append(in_hand + waiting)
 
 
 @asynccontextmanager
@@ -110,16 +121,20 @@ async def open_event_pipeline(
     config: ProxyConfig,
     sinks: Sequence[Sink],
     drain_deadline: Callable[[], float],
+    *,
+    metrics: ProxyMetrics | None = None,
 ) -> AsyncIterator[InMemoryEventBus]:
     """Open the bus with its sinks (and Redis forwarding); drain it on exit.
 
     ``drain_deadline`` is called when the block exits and returns the Trio
     time by which the drain must be done; what is not delivered by then is
     counted and logged as lost. Closing the sinks (fsync) then gets a short
-    grace period of its own.
+    grace period of its own. ``metrics``, when given, counts every event (a
+    subscriber named ``metrics``) and reports the buses' counters.
     """
     bus = InMemoryEventBus(config.buffer_size)
     scopes: list[trio.CancelScope] = []
+    cut_off: list[int] = []
     dispatchers = [Dispatcher(sink) for sink in sinks]
     async with AsyncExitStack() as stack:
         # Sinks shield their own closing (fsync), see Sink.__aexit__.
@@ -128,9 +143,14 @@ async def open_event_pipeline(
         async with trio.open_nursery() as nursery:
             for dispatcher in dispatchers:
                 name, deliver = dispatcher.sink.name, dispatcher.deliver
-                await nursery.start(partial(_drain_into, bus, name, deliver, scopes))
+                await nursery.start(
+                    partial(_drain_into, bus, name, deliver, scopes, cut_off)
+                )
+            if metrics is not None:
+                metrics.watch_bus(bus, "memory")
+                await nursery.start(metrics.serve_bus_subscriber, bus)
             if config.event_bus == "redis":
-                await nursery.start(_forward_to_redis, bus, config, scopes)
+                await nursery.start(_forward_to_redis, bus, config, scopes, metrics)
             try:
                 yield bus
             finally:
@@ -147,13 +167,14 @@ async def open_event_pipeline(
                 _log_drain_start(bus)
             # Leaving the nursery waits for every subscriber to drain (they
             # are shielded, and bounded by the deadline just set).
-    _log_drain_result(bus, dispatchers)
+    _log_drain_result(bus, dispatchers, sum(cut_off))
 
 
 async def _forward_to_redis(
     bus: InMemoryEventBus,
     config: ProxyConfig,
     scopes: list[trio.CancelScope],
+    metrics: ProxyMetrics | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -173,6 +194,8 @@ async def _forward_to_redis(
             maxlen=config.redis_stream_maxlen,
             buffer_size=config.buffer_size,
         )
+        if metrics is not None:
+            metrics.watch_bus(redis_bus, "redis", lag=redis_bus.lag)
         async with redis_bus, bus.subscribe("redis") as subscription:
             task_status.started()
             async for batch in subscription:
@@ -186,9 +209,14 @@ def _log_drain_start(bus: InMemoryEventBus) -> None:
         logger.info("draining %d event(s) into the sinks", waiting)
 
 
-def _log_drain_result(bus: InMemoryEventBus, dispatchers: Sequence[Dispatcher]) -> None:
+def _log_drain_result(
+    bus: InMemoryEventBus, dispatchers: Sequence[Dispatcher], cut_off: int
+) -> None:
     stats = bus.statistics()
-    lost = stats.buffered + sum(d.stats.failed for d in dispatchers)
+    # The subscriptions have ended by now, so the bus itself buffers nothing:
+    # what was lost is what the drain deadline cut off, and what the sinks
+    # still failed after their last attempt.
+    lost = cut_off + sum(d.stats.failed for d in dispatchers)
     dropped = stats.dropped + sum(s.dropped for s in stats.subscribers.values())
     if lost:
         logger.error("%d event(s) were lost: the drain did not finish in time", lost)
@@ -233,13 +261,15 @@ async def serve(
         return start + config.shutdown_timeout
 
     all_sinks = [*_default_sinks(config), *sinks]
-    async with open_event_pipeline(config, all_sinks, drain_deadline) as bus:
+    metrics = ProxyMetrics() if config.metrics_path else None
+    pipeline = open_event_pipeline(config, all_sinks, drain_deadline, metrics=metrics)
+    async with pipeline as bus:
         async with create_upstream_client(
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_connections=config.max_upstream_connections,
         ) as client:
-            app = create_app(config, bus, client, enrich=enrich)
+            app = create_app(config, bus, client, enrich=enrich, metrics=metrics)
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(
                     partial(
