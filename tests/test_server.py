@@ -7,6 +7,7 @@ under a ``trio.fail_after`` hang guard.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
 
 from trio_llmproxy import Event, ProxyConfig, Sink, serve
@@ -242,6 +244,30 @@ async def test_cancelling_serve_still_drains_published_events(
     assert len(slow_sink.events) == 5
     assert slow_sink.closed
     assert len(read_events(tmp_path)) == 5
+
+
+async def test_drain_missing_its_deadline_logs_how_many_events_were_lost(
+    tmp_path: Path, mock_upstream_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = RecordingSink("stuck", blocked=True)
+    published = PublishCounter(3)
+    config = proxy_config(
+        tmp_path, mock_upstream_url, file_event_log=None, shutdown_timeout=0.1
+    )
+    run = partial(serve, config, sinks=[stuck], enrich=published)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(run)
+            async with httpx.AsyncClient(base_url=handle.addresses[0]) as client:
+                for _ in range(3):
+                    await client.get("/v1/models")
+            await published.reached.wait()
+            handle.shutdown()
+
+    # One event in the stuck sink's hands, two waiting behind it.
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["3 event(s) were lost: the drain did not finish in time"]
 
 
 async def test_custom_sink_receives_every_event(
