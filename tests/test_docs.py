@@ -272,6 +272,23 @@ def _cli_table(command: click.Command) -> dict[str, tuple[str, str]]:
     return table
 
 
+def _drift(
+    documented: dict[str, tuple[str, str]], actual: dict[str, tuple[str, str]]
+) -> dict[str, object]:
+    """Say what a flag table gets wrong: missing, stale and differing rows."""
+    return {
+        "missing (flag: (variable, default))": {
+            flag: row for flag, row in actual.items() if flag not in documented
+        },
+        "stale": sorted(set(documented) - set(actual)),
+        "wrong (documented, actual)": {
+            flag: (documented[flag], row)
+            for flag, row in actual.items()
+            if flag in documented and documented[flag] != row
+        },
+    }
+
+
 def _all_flags() -> set[str]:
     flags = {"--help"}
     for command in cli.commands.values():
@@ -302,13 +319,15 @@ def test_configuration_doc_table_matches_the_cli(name: str) -> None:
 
     documented = _flag_table(sections[name])
 
-    assert documented == _cli_table(cli.commands[name])
+    actual = _cli_table(cli.commands[name])
+    assert documented == actual, _drift(documented, actual)
 
 
 def test_readme_configuration_table_matches_the_server_command() -> None:
     documented = _flag_table(_readme_configuration())
 
-    assert documented == _cli_table(cli.commands["server"])
+    actual = _cli_table(cli.commands["server"])
+    assert documented == actual, _drift(documented, actual)
 
 
 @pytest.mark.parametrize(
@@ -331,7 +350,7 @@ def test_configuration_doc_names_every_proxy_config_field() -> None:
 
     missing = [f.name for f in attrs.fields(ProxyConfig) if f"`{f.name}`" not in text]
 
-    assert missing == []
+    assert missing == [], "ProxyConfig fields missing from docs/configuration.md"
 
 
 def test_markers_are_read_from_the_lines_before_a_fence(tmp_path: Any) -> None:
