@@ -40,6 +40,7 @@ from docs_examples import (
     python_blocks,
 )
 
+import trio_llmproxy
 from trio_llmproxy import ProxyConfig, ServerHandle, serve
 from trio_llmproxy._cli import cli
 
@@ -99,6 +100,15 @@ def test_named_example_exists_and_runs(name: str) -> None:
     assert block.runnable
     assert block.language == "python"
     assert "async def main()" in block.source
+
+
+def test_embedding_doc_lists_every_public_name() -> None:
+    text = (DOCS_DIR / "embedding.md").read_text(encoding="utf-8")
+    api = text.split("\n## The public API\n", 1)[1]
+
+    missing = [name for name in trio_llmproxy.__all__ if f"`{name}" not in api]
+
+    assert missing == [], "public names missing from embedding.md's API table"
 
 
 # The example event of docs/events.md.
