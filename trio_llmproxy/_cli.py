@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -37,12 +38,33 @@ DEPRECATED_VARIABLES = {
 logger = logging.getLogger(__name__)
 
 
+def _check_can_listen(value: str) -> None:
+    """Bind ``HOST:PORT`` once, as Hypercorn will, and let it go.
+
+    A busy port or a host that is not ours then fails at start-up with one
+    line, rather than with a traceback from inside the server.
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    host, port = parse_listen_address(value)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        msg = f"cannot listen on {value!r}: {exc.strerror or exc}"
+        raise ConfigError(msg) from exc
+
+
 class _ListenAddress(click.ParamType[str]):
     name = "HOST:PORT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
         try:
             parse_listen_address(str(value))
+            _check_can_listen(str(value))
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
         return str(value)
