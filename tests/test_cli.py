@@ -206,6 +206,21 @@ def test_bad_value_exits_2_with_one_line_naming_it(
     assert result.stdout == ""
 
 
+def test_busy_listen_port_exits_2_with_one_line_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "{}:{}".format(*taken.getsockname())
+
+        result = run_cli("server", "--listen", address)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--listen" in lines[0]
+    assert "in use" in lines[0]
+
+
 @attrs.define
 class RunningServer:
     process: trio.Process
