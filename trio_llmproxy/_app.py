@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import httpx
@@ -28,6 +28,9 @@ from ._event import Event
 from ._middleware import CaptureSettings, InstrumentationMiddleware
 from ._proxy import ProxyApp
 from ._upstream import create_upstream_client
+
+if TYPE_CHECKING:
+    from ._metrics import ProxyMetrics
 
 HEALTH_PATH = "/healthz"
 # The key of the forwarding app in the ASGI lifespan state, when the app owns
@@ -132,6 +135,7 @@ def create_app(
     client: httpx.AsyncClient | None = None,
     *,
     enrich: Callable[[Event], Event] | None = None,
+    metrics: ProxyMetrics | None = None,
 ) -> ASGIApp:
     """Return the proxy as an ASGI app, to serve with one's own Hypercorn.
 
@@ -148,7 +152,11 @@ def create_app(
             ASGI lifespan, which the server must run (Hypercorn does).
         enrich: optional hook that returns each event to publish, for adding
             fields (see docs/embedding.md).
+        metrics: served at ``config.metrics_path`` (unless that is empty),
+            never forwarded or recorded; ``serve`` passes its own. Without
+            it that path is forwarded like any other.
     """
+    metrics_path = config.metrics_path if metrics is not None else ""
     owned: _OwnedUpstream | None = None
     forward: ASGIApp
     if client is None:
@@ -173,6 +181,13 @@ def create_app(
             kind == "http" and scope["path"] == HEALTH_PATH and scope["method"] == "GET"
         ):
             await _health(send)
+        elif (
+            metrics is not None
+            and kind == "http"
+            and scope["path"] == metrics_path
+            and scope["method"] == "GET"
+        ):
+            await metrics.serve_http(send)
         else:
             await recorded(scope, receive, send)
 

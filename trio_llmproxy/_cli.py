@@ -23,7 +23,12 @@ from click.core import ParameterSource
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from ._config import ProxyConfig, check_http_url, parse_listen_address
+from ._config import (
+    ProxyConfig,
+    check_http_url,
+    check_metrics_path,
+    parse_listen_address,
+)
 from ._errors import ConfigError
 from ._redact import redact_url
 from ._server import ServerHandle, serve
@@ -91,6 +96,18 @@ class _RedisUrl(click.ParamType[str]):
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
         return str(value)
+
+
+class _MetricsPath(click.ParamType[str]):
+    name = "PATH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        # An empty variable is ignored by click, so "off" also turns it off.
+        text = "" if str(value).lower() == "off" else str(value)
+        try:
+            return check_metrics_path(text)
+        except ConfigError as exc:
+            self.fail(str(exc).replace("metrics_path must", "must"), param, ctx)
 
 
 LISTEN = _ListenAddress()
@@ -288,6 +305,14 @@ def cli() -> None:
     help="Extra header name to redact in events and logs (repeatable; the "
     "variable takes names separated by spaces).",
 )
+@_option(
+    "--metrics-path",
+    envvar="METRICS_PATH",
+    type=_MetricsPath(),
+    default="/metrics",
+    help="Path where the proxy itself answers GET with Prometheus metrics "
+    "(never forwarded or recorded); '' or 'off' turns them off.",
+)
 @_log_level_option()
 def server_command(**options: Any) -> None:
     """Run the proxy."""
@@ -307,6 +332,7 @@ def server_command(**options: Any) -> None:
         read_timeout=options["read_timeout"],
         shutdown_timeout=options["shutdown_timeout"],
         secret_headers=options["secret_headers"],
+        metrics_path=options["metrics_path"],
     )
     if config.file_event_log is not None:
         _check_event_log(config.file_event_log)

@@ -95,6 +95,25 @@ def _strip_slash(value: str) -> str:
     return value.rstrip("/")
 
 
+def check_metrics_path(value: str) -> str:
+    """Return ``value`` if it can be the metrics path ("" turns metrics off).
+
+    Raises:
+        ConfigError: it is not empty and not an absolute path without a query.
+    """
+    if value and (not value.startswith("/") or "?" in value or "#" in value):
+        msg = (
+            "metrics_path must start with / and have no query (or be empty "
+            f"to turn metrics off), got {value!r}"
+        )
+        raise ConfigError(msg)
+    return value
+
+
+def _metrics_path(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    check_metrics_path(value)
+
+
 def _optional_path(value: str | Path | None) -> Path | None:
     return None if value is None or value == "" else Path(value)
 
@@ -109,7 +128,10 @@ class ProxyConfig:
 
     listen: str = attrs.field(default="127.0.0.1:8080", validator=_listen)
     upstream_url: str = attrs.field(
-        default="https://api.openai.com", converter=_strip_slash, validator=_upstream
+        default="https://api.openai.com",
+        converter=_strip_slash,
+        validator=_upstream,
+        repr=redact_url,
     )
     file_event_log: Path | None = attrs.field(default=None, converter=_optional_path)
     event_bus: Literal["memory", "redis"] = attrs.field(
@@ -132,6 +154,8 @@ class ProxyConfig:
     shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
     secret_headers: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_upstream_connections: int = attrs.field(default=1000, validator=_positive)
+    # Where the proxy answers GET with Prometheus metrics; "" turns it off.
+    metrics_path: str = attrs.field(default="/metrics", validator=_metrics_path)
 
     @property
     def listen_host(self) -> str:
