@@ -32,6 +32,7 @@ from ._dispatch import Dispatcher
 from ._event import Event
 from ._memory_bus import InMemoryEventBus
 from ._metrics import ProxyMetrics
+from ._redact import redact_url
 from ._sinks import JsonlFileSink, Sink
 from ._upstream import create_upstream_client
 
@@ -282,6 +283,8 @@ async def serve(
                     )
                 )
                 logger.info(
-                    "proxying %s on %s", config.upstream_url, ", ".join(addresses)
+                    "proxying %s on %s",
+                    redact_url(config.upstream_url),
+                    ", ".join(addresses),
                 )
                 task_status.started(ServerHandle(addresses, bus, shutdown_requested))
