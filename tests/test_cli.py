@@ -372,13 +372,27 @@ async def canary_upstream(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def serve_stoppable(
-    app: ASGIApp, scope: trio.CancelScope, *, task_status: trio.TaskStatus[str]
-) -> None:
-    """Serve ``app`` until ``scope`` is cancelled; report its base URL."""
-    with scope:
-        async with trio.open_nursery() as nursery:
-            task_status.started(await serve_asgi(nursery, app))
+@attrs.define
+class StoppableUpstream:
+    """Serves an ASGI app until :meth:`stop`, which returns once it is closed."""
+
+    app: ASGIApp
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self, *, task_status: trio.TaskStatus[str]) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    task_status.started(await serve_asgi(nursery, self.app))
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        self._scope.cancel()
+        # Once the task is over, the listening socket is closed: connections
+        # are refused rather than left waiting in the backlog.
+        await self._stopped.wait()
 
 
 async def test_secrets_reach_neither_the_event_log_nor_debug_logs(
@@ -389,19 +403,17 @@ async def test_secrets_reach_neither_the_event_log_nor_debug_logs(
         "x-api-key": CANARY,
         "Cookie": f"session={CANARY}; theme=dark",
     }
-    upstream_scope = trio.CancelScope()
+    upstream = StoppableUpstream(canary_upstream)
 
     with trio.fail_after(HANG_GUARD_SECONDS):
-        upstream_url = await nursery.start(
-            serve_stoppable, canary_upstream, upstream_scope
-        )
+        upstream_url = await nursery.start(upstream.run)
         async with (
             running_server(tmp_path, upstream_url, "--log-level", "debug") as server,
             httpx.AsyncClient(base_url=server.url, headers=secrets) as client,
         ):
             answered = await client.post("/v1/chat/completions", json=CHAT)
             # Now the upstream is gone: the next call takes the 502 path.
-            upstream_scope.cancel()
+            await upstream.stop()
             unreachable = await client.post("/v1/chat/completions", json=CHAT)
             returncode = await server.stop()
 
