@@ -206,6 +206,23 @@ def test_bad_value_exits_2_with_one_line_naming_it(
     assert result.stdout == ""
 
 
+def test_flag_beats_its_variable() -> None:
+    # Were LISTEN_ADDR used, its bad port would be the error; the bad
+    # --upstream that follows shows --listen's own value was taken.
+    result = run_cli(
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "ftp://example.com",
+        env={"LISTEN_ADDR": "127.0.0.1:70000"},
+    )
+
+    assert result.returncode == 2
+    assert "--upstream" in result.stderr
+    assert "LISTEN_ADDR" not in result.stderr
+
+
 def test_busy_listen_port_exits_2_with_one_line_naming_it() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
