@@ -594,3 +594,18 @@ async def test_replay_through_the_proxy_passes_bytes_and_gives_the_same_llm(
         # The first content came after the chunks the middleware marks.
         assert llm["ttft_ms"] is None
     assert {**llm, "ttft_ms": None} == {**expected, "ttft_ms": None}
+
+
+def test_json_answer_cut_by_the_capture_cap_is_unknown() -> None:
+    event = make_event(
+        "/v1/chat/completions",
+        b'{"model": "gpt-4o"}',
+        [b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "Hel'],
+        content_type=b"application/json",
+        response_body_truncated=True,
+    )
+
+    llm = describe_llm(event)
+
+    assert llm is not None
+    assert llm["outcome_detail"]["outcome"] == "unknown"

@@ -573,7 +573,7 @@ def _is_sse(event: Event) -> bool:
 # The verdict.
 
 
-def _outcome_detail(event: Event, analysis: _Analysis, sse: bool) -> Json:
+def _outcome_detail(event: Event, analysis: _Analysis, *, checked_end: bool) -> Json:
     error = analysis.error
     if event.outcome != "ok":
         outcome = event.outcome
@@ -582,8 +582,8 @@ def _outcome_detail(event: Event, analysis: _Analysis, sse: bool) -> Json:
         outcome = "upstream_error" if event.status < 400 else HTTP_ERROR
     elif event.status >= 400:
         outcome = HTTP_ERROR
-    elif sse and not analysis.terminal:
-        # A stream cut by the capture cap may well have ended properly.
+    elif checked_end and not analysis.terminal:
+        # A body cut by the capture cap may well have ended properly.
         outcome = UNKNOWN if event.response_body_truncated else INCOMPLETE
     else:
         outcome = "ok"
@@ -611,10 +611,14 @@ def describe_llm(event: Event) -> Json | None:
     analysis = _Analysis(api)
     sse = _is_sse(event)
     ttft: float | None = None
+    # Whether the body must end in a terminal event (a stream) or be whole
+    # JSON; a 2xx answer without either is incomplete, or unknown if cut.
+    checked_end = sse
     if sse:
         ttft = _analyse_stream(event, analysis)
     else:
         body = _json_body(event)
+        checked_end = body is None and event.response_body_truncated
         if body is not None:
             if event.status >= 400 or ("error" in body and api != RESPONSES):
                 analysis.note_error(body.get("error") or body)
@@ -638,7 +642,7 @@ def describe_llm(event: Event) -> Json | None:
         "reasoning_text": "".join(analysis.reasoning) if analysis.reasoning else None,
         "tool_calls": [call.as_json() for call in analysis.tool_calls.values()],
         "ttft_ms": None if ttft is None else round(ttft, 3),
-        "outcome_detail": _outcome_detail(event, analysis, sse),
+        "outcome_detail": _outcome_detail(event, analysis, checked_end=checked_end),
         "malformed_events": analysis.malformed_events,
     }
 
