@@ -9,6 +9,9 @@ request ends, so the tests wait for the count they expect.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -407,3 +410,30 @@ def _minimal_event() -> dict[str, Any]:
         "outcome": "ok",
         "error": None,
     }
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--metrics-path", "metrics"], {}, "--metrics-path (METRICS_PATH)"),
+        ([], {"METRICS_PATH": "/m?x=1"}, "METRICS_PATH (--metrics-path)"),
+    ],
+)
+def test_bad_metrics_path_exits_2_with_one_line_naming_it(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    # Port 0: a value wrongly accepted starts a server the timeout then stops.
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_llmproxy", "server", *args],
+        env={**os.environ, "LISTEN_ADDR": "127.0.0.1:0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "must start with /" in lines[0]
