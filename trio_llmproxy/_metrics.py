@@ -397,6 +397,9 @@ class ProxyMetrics:
                 watched.last_lag = await read()
             except (ProxyError, RuntimeError) as exc:
                 # RuntimeError: the bus is not running (starting or stopped).
-                logger.warning("cannot read the Redis stream for metrics: %s", exc)
+                # The text only: a record holding the exception would keep
+                # its traceback, and the client's streams, alive.
+                reason = str(exc)
+                logger.warning("cannot read the Redis stream for metrics: %s", reason)
                 return
             watched.redis_up = True
