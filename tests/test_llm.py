@@ -20,6 +20,8 @@ import orjson
 import pytest
 import trio
 from conftest import serve_asgi
+from hypothesis import given
+from hypothesis import strategies as st
 from transcripts import (
     COMPLETE,
     FIRST_CONTENT,
@@ -609,3 +611,23 @@ def test_json_answer_cut_by_the_capture_cap_is_unknown() -> None:
 
     assert llm is not None
     assert llm["outcome_detail"]["outcome"] == "unknown"
+
+
+_REFERENCES = {t.name: (t, llm_of(t, t.chunks())) for t in _all_transcripts()}
+
+
+@given(
+    name=st.sampled_from(sorted(_REFERENCES)),
+    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=60),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+)
+def test_any_cut_of_any_transcript_with_any_line_ends_gives_the_same_llm(
+    name: str, cuts: list[int], newline: bytes
+) -> None:
+    transcript, reference = _REFERENCES[name]
+    body = transcript.body.replace(b"\n", newline)
+    ends = sorted({min(cut, len(body)) for cut in cuts})
+
+    chunks = [body[a:b] for a, b in zip([0, *ends], [*ends, len(body)], strict=True)]
+
+    assert llm_of(transcript, chunks) == reference
