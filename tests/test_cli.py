@@ -179,6 +179,9 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         (["server", "--upstream", "ftp://example.com"], {}, "--upstream"),
         (["server"], {"UPSTREAM_URL": "api.openai.com"}, "UPSTREAM_URL"),
         (["server", "--file-event-log", "{not_a_dir}/e.jsonl"], {}, "--file-event-log"),
+        (["server", "--upstream", "http://user:pw@example.com"], {}, "--upstream"),
+        (["server", "--redis-url", "redis://:pw@:0/x"], {}, "--redis-url"),
+        (["dispatcher", "--backend", "file"], {}, "--file"),
     ],
     ids=[
         "port-out-of-range",
@@ -186,6 +189,9 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         "ftp-upstream",
         "upstream-variable-without-scheme",
         "unwritable-event-log",
+        "upstream-with-credentials",
+        "redis-url-without-host",
+        "file-backend-without-file",
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_it(
@@ -441,8 +447,8 @@ async def test_secrets_reach_neither_the_event_log_nor_debug_logs(
     assert [event["status"] for event in events] == [200, 502]
     assert CANARY not in server.event_log.read_text()
     stderr = server.stderr()
-    # httpx's request lines show only below INFO's quiet default: debug is on.
-    assert "httpx: HTTP Request" in stderr
+    # Debug lines are on (the access log and the bus log at DEBUG and INFO).
+    assert "trio_llmproxy.access" in stderr
     assert CANARY not in stderr
     # The last four characters of the key are all an event keeps of it.
     headers = events[0]["request_headers"]

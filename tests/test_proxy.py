@@ -915,6 +915,23 @@ async def test_unreachable_upstream_gives_502_openai_error(
     assert event.error
 
 
+async def test_unreachable_upstream_event_still_records_the_request_body(
+    nursery: trio.Nursery,
+) -> None:
+    upstream_url = f"http://127.0.0.1:{free_port()}"
+    body = b'{"model": "m", "messages": []}'
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with open_proxy(nursery, upstream_url) as proxy:
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                response = await client.post("/v1/chat/completions", content=body)
+            event = await proxy.next_event()
+
+    assert response.status_code == 502
+    assert event.request_body == body
+    assert event.request_body_size == len(body)
+
+
 async def test_upstream_not_answering_gives_504_openai_error(
     nursery: trio.Nursery,
 ) -> None:

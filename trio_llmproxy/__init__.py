@@ -5,6 +5,8 @@ The public API is what this module exports; everything else is private.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._app import create_app as create_app
 from ._bus import BusStatistics as BusStatistics
 from ._bus import EventBus as EventBus
@@ -25,13 +27,15 @@ from ._memory_bus import InMemoryEventBus as InMemoryEventBus
 from ._middleware import CaptureSettings as CaptureSettings
 from ._middleware import InstrumentationMiddleware as InstrumentationMiddleware
 from ._middleware import note_outcome as note_outcome
-from ._redis_bus import RedisEventBus as RedisEventBus
 from ._server import ServerHandle as ServerHandle
 from ._server import serve as serve
 from ._sinks import JsonlFileSink as JsonlFileSink
 from ._sinks import Sink as Sink
 from ._sinks import StdoutSink as StdoutSink
 from ._upstream import create_upstream_client as create_upstream_client
+
+if TYPE_CHECKING:
+    from ._redis_bus import RedisEventBus as RedisEventBus
 
 __version__ = "0.1.0"
 
@@ -64,3 +68,19 @@ __all__ = [
     "note_outcome",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The Redis bus pulls in coredis, which takes a noticeable time to import;
+    # it is imported on first use, so the CLI and memory-only users start fast.
+    if name == "RedisEventBus":
+        from ._redis_bus import RedisEventBus
+
+        globals()[name] = RedisEventBus
+        return RedisEventBus
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -27,6 +27,8 @@ from ._config import (
     ProxyConfig,
     check_http_url,
     check_metrics_path,
+    check_redis_url,
+    check_upstream_url,
     parse_listen_address,
 )
 from ._errors import ConfigError
@@ -85,12 +87,20 @@ class _HttpUrl(click.ParamType[str]):
             self.fail(str(exc).replace("URL must", "must"), param, ctx)
 
 
+class _UpstreamUrl(click.ParamType[str]):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            return check_upstream_url(str(value), what="it")
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class _RedisUrl(click.ParamType[str]):
     name = "URL"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        from ._redis_bus import check_redis_url
-
         try:
             check_redis_url(str(value))
         except ConfigError as exc:
@@ -112,6 +122,7 @@ class _MetricsPath(click.ParamType[str]):
 
 LISTEN = _ListenAddress()
 HTTP_URL = _HttpUrl()
+UPSTREAM_URL = _UpstreamUrl()
 REDIS_URL = _RedisUrl()
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
@@ -160,11 +171,10 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if level.lower() != "debug":
-        # httpx logs every upstream request at INFO; our access log has them.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-    # httpcore's DEBUG trace prints the upstream's response headers verbatim
-    # (Set-Cookie included), so it stays off even at --log-level debug.
+    # httpx logs each upstream URL (a key in a query string included) and
+    # httpcore's trace prints response headers verbatim (Set-Cookie included):
+    # both stay quiet even at --log-level debug; the access log has the rest.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.INFO)
     for variable, why in DEPRECATED_VARIABLES.items():
         if variable in os.environ:
@@ -219,7 +229,7 @@ def cli() -> None:
 @_option(
     "--upstream",
     envvar="UPSTREAM_URL",
-    type=HTTP_URL,
+    type=UPSTREAM_URL,
     default="https://api.openai.com",
     help="Base URL requests are forwarded to; the path and query are appended.",
 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -59,6 +59,61 @@ def check_http_url(value: str, *, what: str = "URL") -> str:
     return value.rstrip("/")
 
 
+DEFAULT_STREAM: Final = "llm-proxy-events"
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+
+
+def display_url(url: str) -> str:
+    """Return ``url`` fit for a log or a message, even when it is malformed."""
+    try:
+        return redact_url(url)
+    except ValueError:
+        # redact_url needs a valid port; hide any credentials by hand instead.
+        parts = urlsplit(url)
+        _, sep, host = parts.netloc.rpartition("@")
+        if not sep:
+            return url
+        netloc = f"***@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def check_redis_url(url: str) -> None:
+    """Check that ``url`` is a Redis URL that coredis can use.
+
+    Accepted: ``redis://[[user]:password@]host[:port][/db]``, the same with
+    ``rediss://`` (TLS), and ``unix://[[user]:password@]/path/to.sock[?db=N]``.
+
+    Raises:
+        ConfigError: the URL is not of one of these forms; the message shows
+            it without its password.
+    """
+    shown = display_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        msg = f"invalid Redis URL {shown!r}: {exc}"
+        raise ConfigError(msg) from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        msg = f"Redis URL must start with redis://, rediss:// or unix://, got {shown!r}"
+        raise ConfigError(msg)
+    if parts.scheme == "unix":
+        if not parts.path:
+            msg = f"unix:// Redis URL needs a socket path, got {shown!r}"
+            raise ConfigError(msg)
+        return
+    if not parts.hostname:
+        msg = f"Redis URL needs a host, got {shown!r}"
+        raise ConfigError(msg)
+    if port == 0:
+        msg = f"Redis URL port must be between 1 and 65535, got {shown!r}"
+        raise ConfigError(msg)
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        msg = f"Redis URL path must be a database number, got {shown!r}"
+        raise ConfigError(msg)
+
+
 def _listen(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
     parse_listen_address(value)
 
@@ -75,15 +130,29 @@ def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
         raise ConfigError(msg)
 
 
+def check_upstream_url(value: str, *, what: str = "upstream_url") -> str:
+    """Return the upstream URL without a trailing slash if it is usable.
+
+    Raises:
+        ConfigError: not an http(s) URL with a host, or it carries credentials.
+    """
+    value = check_http_url(value, what=what)
+    if "@" in urlsplit(value).netloc:
+        # httpx would turn them into a Basic Authorization header of its own,
+        # overriding the client's; keys belong in the clients' headers.
+        msg = (
+            "upstream_url must not carry credentials (user:password@); "
+            "send keys as headers from the clients instead"
+        )
+        raise ConfigError(msg.replace("upstream_url", what))
+    return value
+
+
 def _upstream(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    check_http_url(value, what="upstream_url")
+    check_upstream_url(value)
 
 
 def _redis_url(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    # Imported here: the Redis module pulls in coredis, which only the Redis
-    # bus needs.
-    from ._redis_bus import check_redis_url
-
     check_redis_url(value)
 
 
@@ -140,7 +209,7 @@ class ProxyConfig:
     redis_url: str = attrs.field(
         default="redis://127.0.0.1:6379/0", validator=_redis_url, repr=redact_url
     )
-    redis_stream: str = "llm-proxy-events"
+    redis_stream: str = DEFAULT_STREAM
     redis_stream_maxlen: int = attrs.field(default=100_000, validator=_positive)
     buffer_size: int = attrs.field(default=1000, validator=_positive)
     max_request_body_bytes: int = attrs.field(

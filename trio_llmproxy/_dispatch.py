@@ -19,10 +19,10 @@ import tenacity
 import trio
 
 from ._bus import Subscription
+from ._config import DEFAULT_STREAM, check_redis_url
 from ._errors import ConfigError, SinkError
 from ._event import Event
 from ._redact import redact_url
-from ._redis_bus import DEFAULT_STREAM, RedisEventBus, check_redis_url
 from ._sinks import Sink
 
 logger = logging.getLogger(__name__)
@@ -291,6 +291,9 @@ async def serve_dispatcher(
     returns at once without calling ``task_status.started()``.
     """
     group = config.consumer_group or sink.name
+    # Imported here: coredis is needed only once a dispatcher runs.
+    from ._redis_bus import RedisEventBus
+
     bus = RedisEventBus(
         config.redis_url,
         stream=config.stream,

@@ -26,6 +26,9 @@ from ._upstream import Upstream, convert_error, end_to_end_headers, has_request_
 # Closing a cut-off upstream response only closes a socket; if even that
 # hangs, give up on it rather than hold the request open.
 CLOSE_TIMEOUT_SECONDS: Final = 5.0
+# How long the proxy keeps reading a request body the upstream never took
+# (it failed first), so that the event still records the body.
+UNREAD_BODY_TIMEOUT_SECONDS: Final = 10.0
 # Headers the client sends that the proxy replaces: httpx sets Host to the
 # upstream's.
 _REQUEST_HEADERS_REPLACED: Final = frozenset({b"host"})
@@ -60,6 +63,20 @@ class _Client:
                 self.body_done.set()
             if chunk:
                 yield chunk
+
+    async def read_rest_of_body(self) -> None:
+        """Read what is left of the request body, so the event records it.
+
+        Used when the upstream failed before taking the body: the client is
+        still sending it. Bounded in time; a client that disconnects or
+        stalls just ends the reading.
+        """
+        with trio.move_on_after(UNREAD_BODY_TIMEOUT_SECONDS):
+            try:
+                async for _ in self.body():
+                    pass
+            except _ClientGone:
+                pass
 
     async def watch(self, exchange: trio.CancelScope) -> None:
         """Cancel ``exchange`` as soon as the client disconnects."""
@@ -148,6 +165,7 @@ class ProxyApp:
                 return
             error = convert_error(exc, self._upstream_url)
             _note_error(scope, error)
+            await client.read_rest_of_body()
             client.answered = True
             await send_error(send, error)
             return

@@ -73,7 +73,6 @@ import socket
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import coredis
@@ -97,11 +96,10 @@ from ._bus import (
     SubscriberStatistics,
     Subscription,
 )
+from ._config import DEFAULT_STREAM, check_redis_url, display_url
 from ._errors import ConfigError, ProxyError
 from ._event import Event
-from ._redact import redact_url
 
-DEFAULT_STREAM: Final = "llm-proxy-events"
 DEFAULT_MAXLEN: Final = 100_000
 #: The one field of each stream entry; its value is the event's JSON.
 ENTRY_FIELD: Final = b"event"
@@ -116,27 +114,12 @@ CONNECT_TIMEOUT_SECONDS: Final = 5.0
 # connection is dead; a large pipeline on a slow link stays well inside it.
 STREAM_TIMEOUT_MARGIN_SECONDS: Final = 30.0
 
-_SCHEMES: Final = ("redis", "rediss", "unix")
 # XAUTOCLAIM's cursor when a scan of the pending entries is complete.
 _SCAN_DONE: Final = b"0-0"
 # Every failure of talking to Redis that backing off and retrying can cure.
 _REDIS_TROUBLE: Final = (RedisError, TimeoutError, OSError)
 
 logger = logging.getLogger(__name__)
-
-
-def _display_url(url: str) -> str:
-    """Return ``url`` fit for a log or a message, even when it is malformed."""
-    try:
-        return redact_url(url)
-    except ValueError:
-        # redact_url needs a valid port; hide any credentials by hand instead.
-        parts = urlsplit(url)
-        _, sep, host = parts.netloc.rpartition("@")
-        if not sep:
-            return url
-        netloc = f"***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 def _default_consumer_name() -> str:
@@ -229,43 +212,6 @@ class StreamLag:
     stream: str
     length: int
     groups: Mapping[str, GroupLag]
-
-
-def check_redis_url(url: str) -> None:
-    """Check that ``url`` is a Redis URL that coredis can use.
-
-    Accepted: ``redis://[[user]:password@]host[:port][/db]``, the same with
-    ``rediss://`` (TLS), and ``unix://[[user]:password@]/path/to.sock[?db=N]``.
-
-    Raises:
-        ConfigError: the URL is not of one of these forms; the message shows
-            it without its password.
-    """
-    shown = _display_url(url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        msg = f"invalid Redis URL {shown!r}: {exc}"
-        raise ConfigError(msg) from None
-    if parts.scheme not in _SCHEMES:
-        msg = f"Redis URL must start with redis://, rediss:// or unix://, got {shown!r}"
-        raise ConfigError(msg)
-    if parts.scheme == "unix":
-        if not parts.path:
-            msg = f"unix:// Redis URL needs a socket path, got {shown!r}"
-            raise ConfigError(msg)
-        return
-    if not parts.hostname:
-        msg = f"Redis URL needs a host, got {shown!r}"
-        raise ConfigError(msg)
-    if port == 0:
-        msg = f"Redis URL port must be between 1 and 65535, got {shown!r}"
-        raise ConfigError(msg)
-    database = parts.path.strip("/")
-    if database and not database.isdigit():
-        msg = f"Redis URL path must be a database number, got {shown!r}"
-        raise ConfigError(msg)
 
 
 @attrs.define
@@ -662,7 +608,7 @@ class RedisEventBus(EventBus):
             raise ValueError(msg)
         self.url = url
         self.stream = stream
-        self._shown_url = _display_url(url)
+        self._shown_url = display_url(url)
         self._maxlen = maxlen
         self._claim_idle_seconds = claim_idle_seconds
         self._consumer_name = consumer_name
