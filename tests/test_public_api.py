@@ -24,6 +24,7 @@ EXPECTED_NAMES = [
     "JsonlFileSink",
     "ProxyConfig",
     "ProxyError",
+    "ProxyMetrics",
     "RedisEventBus",
     "RetryPolicy",
     "ServerHandle",

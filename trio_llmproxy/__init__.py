@@ -24,6 +24,7 @@ from ._errors import UpstreamTimeout as UpstreamTimeout
 from ._event import Event as Event
 from ._http_sink import HttpSink as HttpSink
 from ._memory_bus import InMemoryEventBus as InMemoryEventBus
+from ._metrics import ProxyMetrics as ProxyMetrics
 from ._middleware import CaptureSettings as CaptureSettings
 from ._middleware import InstrumentationMiddleware as InstrumentationMiddleware
 from ._middleware import note_outcome as note_outcome
@@ -53,6 +54,7 @@ __all__ = [
     "JsonlFileSink",
     "ProxyConfig",
     "ProxyError",
+    "ProxyMetrics",
     "RedisEventBus",
     "RetryPolicy",
     "ServerHandle",

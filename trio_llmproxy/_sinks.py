@@ -163,10 +163,11 @@ class StdoutSink(Sink):
         self._stream = stream if stream is not None else sys.stdout.buffer
 
     async def deliver(self, events: Sequence[Event]) -> None:
-        """Write and flush ``events``."""
-        await trio.to_thread.run_sync(self._write, encode_lines(events))
+        """Write and flush ``events`` (rendered in a worker thread)."""
+        await trio.to_thread.run_sync(self._write, events)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, events: Sequence[Event]) -> None:
+        data = encode_lines(events)
         try:
             self._stream.write(data)
             self._stream.flush()
