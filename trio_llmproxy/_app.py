@@ -71,7 +71,7 @@ class _OwnedUpstream:
             max_connections=config.max_upstream_connections,
         )
         try:
-            yield ProxyApp(config.upstream_url, client)
+            yield proxy_app(config, client)
         finally:
             # Runs on cancellation too (a cancelled server skips the lifespan
             # shutdown message), so the sockets are always closed.
@@ -129,6 +129,17 @@ def capture_settings(config: ProxyConfig) -> CaptureSettings:
     )
 
 
+def proxy_app(config: ProxyConfig, client: httpx.AsyncClient) -> ProxyApp:
+    """Return the forwarding app for ``config``, with its limits."""
+    return ProxyApp(
+        config.upstream_url,
+        client,
+        max_request_bytes=config.max_request_bytes,
+        client_timeout=config.client_timeout,
+        max_concurrent_requests=config.max_concurrent_requests,
+    )
+
+
 def create_app(
     config: ProxyConfig,
     bus: EventBus,
@@ -162,7 +173,7 @@ def create_app(
     if client is None:
         forward = owned = _OwnedUpstream(config)
     else:
-        forward = ProxyApp(config.upstream_url, client)
+        forward = proxy_app(config, client)
     recorded = InstrumentationMiddleware(
         forward,
         bus,

@@ -306,6 +306,28 @@ def cli() -> None:
     help="Seconds to finish in-flight requests and drain events on shutdown.",
 )
 @_option(
+    "--max-request-bytes",
+    envvar="MAX_REQUEST_BYTES",
+    type=POSITIVE_INT,
+    default=64 * 1024 * 1024,
+    help="Largest request body accepted; a larger one is answered 413.",
+)
+@_option(
+    "--client-timeout",
+    envvar="CLIENT_TIMEOUT",
+    type=POSITIVE_SECONDS,
+    default=75.0,
+    help="Seconds a client connection may stay idle, or take to send a "
+    "request head, or pause inside a request body (then 408).",
+)
+@_option(
+    "--max-concurrent-requests",
+    envvar="MAX_CONCURRENT_REQUESTS",
+    type=POSITIVE_INT,
+    default=1000,
+    help="Requests handled at once; more are answered 503 at once.",
+)
+@_option(
     "--secret-header",
     "secret_headers",
     envvar="SECRET_HEADERS",
@@ -341,6 +363,9 @@ def server_command(**options: Any) -> None:
         connect_timeout=options["connect_timeout"],
         read_timeout=options["read_timeout"],
         shutdown_timeout=options["shutdown_timeout"],
+        max_request_bytes=options["max_request_bytes"],
+        client_timeout=options["client_timeout"],
+        max_concurrent_requests=options["max_concurrent_requests"],
         secret_headers=options["secret_headers"],
         metrics_path=options["metrics_path"],
     )

@@ -60,6 +60,7 @@ def check_http_url(value: str, *, what: str = "URL") -> str:
 
 
 DEFAULT_STREAM: Final = "llm-proxy-events"
+DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 
@@ -223,6 +224,12 @@ class ProxyConfig:
     shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
     secret_headers: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_upstream_connections: int = attrs.field(default=1000, validator=_positive)
+    # Limits on what clients may ask of the proxy.
+    max_request_bytes: int = attrs.field(
+        default=DEFAULT_MAX_REQUEST_BYTES, validator=_positive
+    )
+    client_timeout: float = attrs.field(default=75.0, validator=_positive)
+    max_concurrent_requests: int = attrs.field(default=1000, validator=_positive)
     # Where the proxy answers GET with Prometheus metrics; "" turns it off.
     metrics_path: str = attrs.field(default="/metrics", validator=_metrics_path)
 

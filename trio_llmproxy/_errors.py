@@ -30,6 +30,27 @@ class ClientError(ProxyError):
     code = "bad_request"
 
 
+class RequestTooLarge(ClientError):
+    """The request body is larger than the proxy accepts."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class ClientTimeout(ClientError):
+    """The client stopped sending its request body for too long."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class Overloaded(ProxyError):
+    """The proxy already carries as many requests as it is allowed to."""
+
+    status = 503
+    code = "overloaded"
+
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached or broke the exchange."""
 

@@ -19,7 +19,16 @@ import orjson
 import trio
 
 from ._asgi import Message, Receive, Scope, Send
-from ._errors import ClientError, ProxyError, UpstreamError, UpstreamTimeout
+from ._config import DEFAULT_MAX_REQUEST_BYTES
+from ._errors import (
+    ClientError,
+    ClientTimeout,
+    Overloaded,
+    ProxyError,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from ._middleware import note_outcome
 from ._upstream import Upstream, convert_error, end_to_end_headers, has_request_body
 
@@ -29,6 +38,13 @@ CLOSE_TIMEOUT_SECONDS: Final = 5.0
 # How long the proxy keeps reading a request body the upstream never took
 # (it failed first), so that the event still records the body.
 UNREAD_BODY_TIMEOUT_SECONDS: Final = 10.0
+# After refusing a request whose body is still coming (413, say), the proxy
+# keeps reading and discarding it this long before it closes the connection:
+# closing on unread bytes makes the kernel send a reset, which can destroy
+# the refusal before the client has read it.
+LINGER_SECONDS: Final = 2.0
+DEFAULT_CLIENT_TIMEOUT_SECONDS: Final = 75.0
+DEFAULT_MAX_CONCURRENT_REQUESTS: Final = 1000
 # Headers the client sends that the proxy replaces: httpx sets Host to the
 # upstream's.
 _REQUEST_HEADERS_REPLACED: Final = frozenset({b"host"})
@@ -43,8 +59,18 @@ class _ClientGone(Exception):
 class _Client:
     """The client's side of one exchange: its body, then its disconnect."""
 
-    def __init__(self, receive: Receive, has_body: bool) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        has_body: bool,
+        *,
+        max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        timeout: float = DEFAULT_CLIENT_TIMEOUT_SECONDS,
+    ) -> None:
         self._receive = receive
+        self._max_bytes = max_bytes
+        self._timeout = timeout
+        self.received = 0
         self.body_done = trio.Event()
         self.gone = False
         self.answered = False
@@ -52,17 +78,40 @@ class _Client:
             self.body_done.set()
 
     async def body(self) -> AsyncIterator[bytes]:
-        """Yield the request body as it arrives, without reading it whole."""
+        """Yield the request body as it arrives, without reading it whole.
+
+        Raises:
+            RequestTooLarge: the body grew past the limit.
+            ClientTimeout: the client sent nothing for the client timeout.
+        """
         while not self.body_done.is_set():
-            message = await self._receive()
+            with trio.move_on_after(self._timeout) as waiting:
+                message = await self._receive()
+            if waiting.cancelled_caught:
+                msg = f"the client sent no request body data for {self._timeout:g} s"
+                raise ClientTimeout(msg)
             if message["type"] == "http.disconnect":
                 self.gone = True
                 raise _ClientGone
             chunk = message.get("body", b"")
             if not message.get("more_body", False):
                 self.body_done.set()
+            self.received += len(chunk)
+            if self.received > self._max_bytes:
+                raise RequestTooLarge(_too_large_message(self._max_bytes))
             if chunk:
                 yield chunk
+
+    async def discard_body(self, seconds: float) -> None:
+        """Read and drop what is left of the request body, for ``seconds`` at most."""
+        with trio.move_on_after(seconds):
+            while not self.body_done.is_set():
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self.gone = True
+                    return
+                if not message.get("more_body", False):
+                    self.body_done.set()
 
     async def read_rest_of_body(self) -> None:
         """Read what is left of the request body, so the event records it.
@@ -75,7 +124,7 @@ class _Client:
             try:
                 async for _ in self.body():
                     pass
-            except _ClientGone:
+            except (_ClientGone, ClientError):
                 pass
 
     async def watch(self, exchange: trio.CancelScope) -> None:
@@ -93,6 +142,23 @@ class _Client:
                 if not self.answered:
                     exchange.cancel()
                 return
+
+
+def _too_large_message(limit: int) -> str:
+    return f"the request body is larger than the proxy accepts ({limit} bytes)"
+
+
+def _announced_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The largest Content-Length of the request headers, 0 when none."""
+    length = 0
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                length = max(length, int(value))
+            except ValueError:
+                # The HTTP server has already refused such a request.
+                continue
+    return length
 
 
 def error_body(exc: ProxyError) -> bytes:
@@ -126,12 +192,32 @@ class ProxyApp:
             are appended to it.
         client: the shared httpx client (see ``create_upstream_client``); the
             caller owns it and closes it.
+        max_request_bytes: a larger request body is answered with 413,
+            before it is forwarded when its Content-Length says so, or as
+            soon as it grows past the limit (the upstream request is then
+            cancelled).
+        client_timeout: the longest pause inside a request body; the client
+            then gets 408 and the upstream request is cancelled.
+        max_concurrent_requests: requests beyond this many at once are
+            answered with 503 at once, without reaching the upstream.
     """
 
-    def __init__(self, upstream_url: str, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        client: httpx.AsyncClient,
+        *,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT_SECONDS,
+        max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    ) -> None:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
         self._client = client
+        self._max_request_bytes = max_request_bytes
+        self._client_timeout = client_timeout
+        self._max_concurrent_requests = max_concurrent_requests
+        self._active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,26 +225,47 @@ class ProxyApp:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        client = _Client(receive, has_request_body(scope["headers"]))
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as exchange:
-                nursery.start_soon(client.watch, exchange)
-                await self._exchange(scope, client, send)
-            nursery.cancel_scope.cancel()
+        client = _Client(
+            receive,
+            has_request_body(scope["headers"]),
+            max_bytes=self._max_request_bytes,
+            timeout=self._client_timeout,
+        )
+        if self._active >= self._max_concurrent_requests:
+            msg = (
+                f"the proxy is carrying its maximum of "
+                f"{self._max_concurrent_requests} concurrent requests; retry later"
+            )
+            await _refuse(scope, client, send, Overloaded(msg))
+            return
+        self._active += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as exchange:
+                    nursery.start_soon(client.watch, exchange)
+                    await self._exchange(scope, client, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._active -= 1
         if client.gone and not client.answered:
             note_outcome(scope, "client_disconnected", "client closed the connection")
 
     async def _exchange(self, scope: Scope, client: _Client, send: Send) -> None:
         try:
+            if _announced_length(scope["headers"]) > self._max_request_bytes:
+                raise RequestTooLarge(_too_large_message(self._max_request_bytes))
             request = self._build_request(scope, client)
         except ClientError as exc:
-            note_outcome(scope, "ok", str(exc))
-            client.answered = True
-            await send_error(send, exc)
+            await _refuse(scope, client, send, exc)
             return
         try:
             response = await self._client.send(request, stream=True)
         except _ClientGone:
+            return
+        except ClientError as exc:
+            # Raised by the request body (too large, or the client stalled):
+            # the upstream request was cut off with it.
+            await _refuse(scope, client, send, exc)
             return
         except httpx.HTTPError as exc:
             if client.gone:
@@ -218,6 +325,33 @@ class ProxyApp:
         # From here on a disconnect is the client leaving after the answer.
         client.answered = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _refuse(scope: Scope, client: _Client, send: Send, exc: ProxyError) -> None:
+    """Answer with ``exc``'s error instead of forwarding the request."""
+    note_outcome(scope, "ok", str(exc))
+    client.answered = True
+    if client.body_done.is_set() or isinstance(exc, ClientTimeout):
+        await send_error(send, exc)
+        return
+    # The body is still coming: send the whole error, then linger, reading
+    # the body, before the response ends and the server closes the
+    # connection (it cannot be reused with a body left unread).
+    body = error_body(exc)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await client.discard_body(LINGER_SECONDS)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _finish_cut(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:

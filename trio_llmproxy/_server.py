@@ -36,10 +36,11 @@ from ._redact import redact_url
 from ._sinks import JsonlFileSink, Sink
 from ._upstream import create_upstream_client
 
-# An idle client connection is closed after this long; LLM clients reuse
-# connections between calls, so this is longer than Hypercorn's default.
-KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 LISTEN_BACKLOG = 1024
+# The largest request head (request line and headers) accepted; a larger one
+# is answered 431 by h11 and the connection closed. Hypercorn's default of
+# 16 KiB is tight for requests that carry long tokens and cookies.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # The drain of the bus gets at least this long, even when in-flight requests
 # used up the whole shutdown timeout.
 MIN_DRAIN_SECONDS = 1.0
@@ -73,7 +74,14 @@ def hypercorn_config(config: ProxyConfig) -> HypercornConfig:
     hyper.include_date_header = False
     hyper.include_server_header = False
     hyper.graceful_timeout = config.shutdown_timeout
-    hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_SECONDS
+    # Hypercorn's keep-alive timer runs from the end of a response (or the
+    # opening of the connection) until the next request head is complete:
+    # it closes idle connections and also clients that send their head too
+    # slowly. LLM clients reuse connections between calls, so the default
+    # is longer than Hypercorn's. Its read_timeout stays off: it would also
+    # cut a client that rightly sends nothing while a long answer streams.
+    hyper.keep_alive_timeout = config.client_timeout
+    hyper.h11_max_incomplete_size = MAX_REQUEST_HEAD_BYTES
     hyper.backlog = LISTEN_BACKLOG
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
