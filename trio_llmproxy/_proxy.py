@@ -48,6 +48,10 @@ DEFAULT_MAX_CONCURRENT_REQUESTS: Final = 1000
 # Headers the client sends that the proxy replaces: httpx sets Host to the
 # upstream's.
 _REQUEST_HEADERS_REPLACED: Final = frozenset({b"host"})
+# With a chunked body, the client's Content-Length is dropped too: the chunked
+# framing wins (RFC 9112 section 6.3), and forwarding both would let the
+# upstream frame the body otherwise than the proxy did (request smuggling).
+_REQUEST_HEADERS_REPLACED_WHEN_CHUNKED: Final = frozenset({b"host", b"content-length"})
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +288,10 @@ class ProxyApp:
                 await response.aclose()
 
     def _build_request(self, scope: Scope, client: _Client) -> httpx.Request:
-        headers = end_to_end_headers(
-            scope["headers"], also_drop=_REQUEST_HEADERS_REPLACED
-        )
+        also_drop = _REQUEST_HEADERS_REPLACED
+        if any(name == b"transfer-encoding" for name, _ in scope["headers"]):
+            also_drop = _REQUEST_HEADERS_REPLACED_WHEN_CHUNKED
+        headers = end_to_end_headers(scope["headers"], also_drop=also_drop)
         url = self._upstream.target(
             scope.get("raw_path") or scope["path"].encode("utf-8"),
             scope.get("query_string", b""),

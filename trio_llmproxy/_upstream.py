@@ -31,8 +31,12 @@ HOP_BY_HOP_HEADERS: Final = frozenset(
         b"upgrade",
     }
 )
-# A dot segment, plain or percent-encoded, between slashes or at the end.
-_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# A dot segment, plain or percent-encoded, between slashes or at the end. An
+# encoded slash or a backslash counts as a slash here: upstreams that decode
+# or normalise them would otherwise see a '..' climb out of the base path.
+_DOT_SEGMENT = re.compile(
+    rb"(?:^|/|%2f|\\)(?:\.|%2e){1,2}(?:/|%2f|\\|$)", re.IGNORECASE
+)
 
 
 class _RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
