@@ -121,7 +121,9 @@ def _render_body(
             # A capture cut by the cap may end inside a multi-byte character;
             # the incremental decoder leaves that partial character out.
             decoder = codecs.getincrementaldecoder("utf-8")()
-            return decoder.decode(data, final=not truncated), "utf-8"
+            text = decoder.decode(data, final=not truncated)
+            # Nothing left (a lone partial character): as an empty body.
+            return text or None, "utf-8"
         except UnicodeDecodeError:
             pass
     return base64.b64encode(data).decode("ascii"), "base64"

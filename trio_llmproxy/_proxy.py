@@ -11,7 +11,7 @@ closed at once, so nobody pays for tokens no one reads.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
 import httpx
@@ -56,6 +56,35 @@ _REQUEST_HEADERS_REPLACED_WHEN_CHUNKED: Final = frozenset({b"host", b"content-le
 logger = logging.getLogger(__name__)
 
 
+class _BodyStream(httpx.AsyncByteStream):
+    """The request body as httpx sends it: the client's body, iterated directly.
+
+    Passed as a stream rather than as content, so that no wrapper generator
+    of httpx's stands between: when sending fails half-way, :func:`_send`
+    closes the one generator left suspended (unclosed, Trio warns when it is
+    garbage collected).
+    """
+
+    def __init__(self, body: AsyncGenerator[bytes]) -> None:
+        self._body = body
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._body
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
+    except BaseException:
+        if isinstance(request.stream, _BodyStream):
+            with trio.CancelScope(shield=True):
+                await request.stream.aclose()
+        raise
+
+
 class _ClientGone(Exception):
     """The client disconnected while the proxy was reading its request body."""
 
@@ -81,7 +110,7 @@ class _Client:
         if not has_body:
             self.body_done.set()
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self) -> AsyncGenerator[bytes]:
         """Yield the request body as it arrives, without reading it whole.
 
         Raises:
@@ -263,7 +292,7 @@ class ProxyApp:
             await _refuse(scope, client, send, exc)
             return
         try:
-            response = await self._client.send(request, stream=True)
+            response = await _send(self._client, request)
         except _ClientGone:
             return
         except ClientError as exc:
@@ -296,8 +325,15 @@ class ProxyApp:
             scope.get("raw_path") or scope["path"].encode("utf-8"),
             scope.get("query_string", b""),
         )
-        content = None if client.body_done.is_set() else client.body()
-        return httpx.Request(scope["method"], url, headers=headers, content=content)
+        if client.body_done.is_set():
+            return httpx.Request(scope["method"], url, headers=headers)
+        if not any(name == b"content-length" for name, _ in headers):
+            headers.append((b"transfer-encoding", b"chunked"))
+        # Made without a body, so that httpx adds Host (and nothing else:
+        # the body is framed by Content-Length or Transfer-Encoding already).
+        request = httpx.Request(scope["method"], url, headers=headers)
+        request.stream = _BodyStream(client.body())
+        return request
 
     async def _relay(
         self, scope: Scope, client: _Client, response: httpx.Response, send: Send
