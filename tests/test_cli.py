@@ -182,6 +182,9 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         (["server", "--upstream", "http://user:pw@example.com"], {}, "--upstream"),
         (["server", "--redis-url", "redis://:pw@:0/x"], {}, "--redis-url"),
         (["dispatcher", "--backend", "file"], {}, "--file"),
+        (["server", "--shutdown-timeout", "nan"], {}, "--shutdown-timeout"),
+        (["server"], {"UPSTREAM_CONNECT_TIMEOUT": "inf"}, "UPSTREAM_CONNECT_TIMEOUT"),
+        (["server", "--upstream", "http://example.com:99999"], {}, "--upstream"),
     ],
     ids=[
         "port-out-of-range",
@@ -192,6 +195,9 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         "upstream-with-credentials",
         "redis-url-without-host",
         "file-backend-without-file",
+        "nan-shutdown-timeout",
+        "infinite-connect-timeout-variable",
+        "upstream-port-out-of-range",
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_it(

@@ -19,7 +19,9 @@ def log_access(event: Event) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     logger.info(
-        '%s "%s %s" %d %s in=%dB out=%dB ttfb=%sms total=%.1fms%s',
+        # The request ID and path come from the client: quoted with %r, they
+        # cannot forge fields of the line.
+        "%r %s %r %d %s in=%dB out=%dB ttfb=%sms total=%.1fms%s",
         event.request_id,
         event.method,
         event.path,

@@ -8,6 +8,7 @@ exit status 2.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -126,8 +127,34 @@ UPSTREAM_URL = _UpstreamUrl()
 REDIS_URL = _RedisUrl()
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
-POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE_SECONDS = click.FloatRange(min=0)
+
+
+class _Seconds(click.ParamType[float]):
+    """A finite number of seconds (NaN and infinity are refused)."""
+
+    name = "SECONDS"
+
+    def __init__(self, *, allow_zero: bool, name: str = "SECONDS") -> None:
+        self._allow_zero = allow_zero
+        self.name = name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        lowest = ">= 0" if self._allow_zero else "> 0"
+        if (  # a number of seconds, or of milliseconds for NAME=MILLISECONDS
+            not math.isfinite(seconds)
+            or seconds < 0
+            or (seconds == 0 and not self._allow_zero)
+        ):
+            self.fail(f"must be a finite number {lowest}, got {value!r}", param, ctx)
+        return seconds
+
+
+POSITIVE_SECONDS = _Seconds(allow_zero=False)
+NON_NEGATIVE_SECONDS = _Seconds(allow_zero=True)
 
 
 def _option(*names: str, envvar: str, **kwargs: Any) -> Callable[[Any], Any]:
@@ -187,11 +214,13 @@ def _run_until_signal(
     """Run ``start`` (a ``nursery.start`` target) until SIGINT or SIGTERM.
 
     The first signal calls ``stop`` with what ``start`` reported, for a
-    graceful shutdown; a second one cancels everything at once.
+    graceful shutdown; a second one cancels everything at once. SIGHUP is
+    logged and otherwise ignored, rather than killing the process.
     """
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        with trio.open_signal_receiver(*watched) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def run(*, task_status: trio.TaskStatus[Any]) -> None:
@@ -202,7 +231,11 @@ def _run_until_signal(
                 handle = await nursery.start(run)
                 stopping = False
                 async for signum in signals:
-                    if not stopping:
+                    if signum == signal.SIGHUP:
+                        # Log rotation sends it; the event log follows a
+                        # moved file by itself, so there is nothing to do.
+                        logger.info("SIGHUP received: ignored")
+                    elif not stopping:
                         logger.info("%s received", signal.Signals(signum).name)
                         stop(handle)
                         stopping = True
@@ -424,7 +457,7 @@ def _param_hint(ctx: click.Context, param: click.Parameter) -> str:
 @_option(
     "--chunk-delay-ms",
     envvar="MOCK_CHUNK_DELAY_MS",
-    type=click.FloatRange(min=0),
+    type=_Seconds(allow_zero=True, name="MILLISECONDS"),
     default=0.0,
     help="Milliseconds between chunks (header X-Mock-Chunk-Delay-Ms).",
 )

@@ -8,6 +8,7 @@ the rule it broke.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -26,7 +27,7 @@ def parse_listen_address(value: str) -> tuple[str, int]:
         ConfigError: the address is not of that form or the port is out of range.
     """
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
+    if not sep or not host or port_text.endswith("]"):
         msg = f"expected HOST:PORT, got {value!r}"
         raise ConfigError(msg)
     host = host.removeprefix("[").removesuffix("]")
@@ -49,13 +50,19 @@ def check_http_url(value: str, *, what: str = "URL") -> str:
     """
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        shown = redact_url(value)
+        shown = display_url(value)
         msg = f"{what} must be an http:// or https:// URL with a host, got {shown!r}"
         raise ConfigError(msg)
     if parts.query or parts.fragment:
-        shown = redact_url(value)
+        shown = display_url(value)
         msg = f"{what} must not have a query or fragment, got {shown!r}"
         raise ConfigError(msg)
+    try:
+        parts.port  # noqa: B018  (reading it checks the port)
+    except ValueError:
+        shown = display_url(value)
+        msg = f"{what} has a port outside 1-65535 or not a number: {shown!r}"
+        raise ConfigError(msg) from None
     return value.rstrip("/")
 
 
@@ -119,15 +126,17 @@ def _listen(instance: Any, attribute: attrs.Attribute[str], value: str) -> None:
     parse_listen_address(value)
 
 
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value < 0:
-        msg = f"{attribute.name} must be >= 0, got {value!r}"
+def non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: a finite number >= 0."""
+    if not math.isfinite(value) or value < 0:
+        msg = f"{attribute.name} must be a finite number >= 0, got {value!r}"
         raise ConfigError(msg)
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value <= 0:
-        msg = f"{attribute.name} must be > 0, got {value!r}"
+def positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: a finite number > 0."""
+    if not math.isfinite(value) or value <= 0:
+        msg = f"{attribute.name} must be a finite number > 0, got {value!r}"
         raise ConfigError(msg)
 
 
@@ -211,25 +220,23 @@ class ProxyConfig:
         default="redis://127.0.0.1:6379/0", validator=_redis_url, repr=redact_url
     )
     redis_stream: str = DEFAULT_STREAM
-    redis_stream_maxlen: int = attrs.field(default=100_000, validator=_positive)
-    buffer_size: int = attrs.field(default=1000, validator=_positive)
-    max_request_body_bytes: int = attrs.field(
-        default=1_048_576, validator=_non_negative
-    )
+    redis_stream_maxlen: int = attrs.field(default=100_000, validator=positive)
+    buffer_size: int = attrs.field(default=1000, validator=positive)
+    max_request_body_bytes: int = attrs.field(default=1_048_576, validator=non_negative)
     max_response_body_bytes: int = attrs.field(
-        default=4_194_304, validator=_non_negative
+        default=4_194_304, validator=non_negative
     )
-    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
-    read_timeout: float = attrs.field(default=600.0, validator=_positive)
-    shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
+    connect_timeout: float = attrs.field(default=10.0, validator=positive)
+    read_timeout: float = attrs.field(default=600.0, validator=positive)
+    shutdown_timeout: float = attrs.field(default=30.0, validator=non_negative)
     secret_headers: tuple[str, ...] = attrs.field(default=(), converter=_names)
-    max_upstream_connections: int = attrs.field(default=1000, validator=_positive)
+    max_upstream_connections: int = attrs.field(default=1000, validator=positive)
     # Limits on what clients may ask of the proxy.
     max_request_bytes: int = attrs.field(
-        default=DEFAULT_MAX_REQUEST_BYTES, validator=_positive
+        default=DEFAULT_MAX_REQUEST_BYTES, validator=positive
     )
-    client_timeout: float = attrs.field(default=75.0, validator=_positive)
-    max_concurrent_requests: int = attrs.field(default=1000, validator=_positive)
+    client_timeout: float = attrs.field(default=75.0, validator=positive)
+    max_concurrent_requests: int = attrs.field(default=1000, validator=positive)
     # Where the proxy answers GET with Prometheus metrics; "" turns it off.
     metrics_path: str = attrs.field(default="/metrics", validator=_metrics_path)
 

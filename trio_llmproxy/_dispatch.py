@@ -19,7 +19,7 @@ import tenacity
 import trio
 
 from ._bus import Subscription
-from ._config import DEFAULT_STREAM, check_redis_url
+from ._config import DEFAULT_STREAM, check_redis_url, non_negative, positive
 from ._errors import ConfigError, SinkError
 from ._event import Event
 from ._redact import redact_url
@@ -172,18 +172,6 @@ def _redis_url(instance: Any, attribute: attrs.Attribute[str], value: str) -> No
     check_redis_url(value)
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value <= 0:
-        msg = f"{attribute.name} must be > 0, got {value!r}"
-        raise ConfigError(msg)
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value < 0:
-        msg = f"{attribute.name} must be >= 0, got {value!r}"
-        raise ConfigError(msg)
-
-
 def _not_empty(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value == "":
         msg = f"{attribute.name} must not be empty"
@@ -210,11 +198,11 @@ class DispatcherConfig:
     stream: str = attrs.field(default=DEFAULT_STREAM, validator=_not_empty)
     consumer_group: str | None = attrs.field(default=None, validator=_not_empty)
     consumer_name: str | None = attrs.field(default=None, validator=_not_empty)
-    batch_size: int = attrs.field(default=100, validator=_positive)
-    flush_interval: float = attrs.field(default=1.0, validator=_non_negative)
-    claim_idle_seconds: float = attrs.field(default=60.0, validator=_positive)
-    shutdown_timeout: float = attrs.field(default=30.0, validator=_non_negative)
-    block_seconds: float = attrs.field(default=1.0, validator=_positive)
+    batch_size: int = attrs.field(default=100, validator=positive)
+    flush_interval: float = attrs.field(default=1.0, validator=non_negative)
+    claim_idle_seconds: float = attrs.field(default=60.0, validator=positive)
+    shutdown_timeout: float = attrs.field(default=30.0, validator=non_negative)
+    block_seconds: float = attrs.field(default=1.0, validator=positive)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
 
 

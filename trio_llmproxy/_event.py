@@ -29,7 +29,7 @@ OUTCOMES: Final = frozenset(
 )
 # A decompressed body in an event is cut here, so that a small compressed
 # response cannot blow up a subscriber's memory (a "zip bomb").
-MAX_DECODED_BODY_BYTES: Final = 64 * 1024 * 1024
+MAX_DECODED_BODY_BYTES: Final = 16 * 1024 * 1024
 
 # Content types whose bodies are binary even when their bytes happen to be
 # valid UTF-8; they are always base64 in the event.
@@ -47,7 +47,8 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 def _decode_zlib(data: bytes, wbits: int) -> bytes:
     decompressor = zlib.decompressobj(wbits)
-    return decompressor.decompress(data, MAX_DECODED_BODY_BYTES)
+    # One byte past the cap tells a cut body from one exactly at the cap.
+    return decompressor.decompress(data, MAX_DECODED_BODY_BYTES + 1)
 
 
 def _decode_gzip(data: bytes) -> bytes:
@@ -65,15 +66,20 @@ def _decode_deflate(data: bytes) -> bytes:
 def _decode_brotli(data: bytes) -> bytes:
     import brotli  # type: ignore[import-untyped]  # ships no type hints
 
-    decoded: bytes = brotli.Decompressor().process(data)
-    return decoded[:MAX_DECODED_BODY_BYTES]
+    # The limit stops the output from growing past the cap (a brotli bomb of
+    # a few kilobytes decodes to gigabytes); the rest is never produced.
+    decompressor = brotli.Decompressor()
+    decoded: bytes = decompressor.process(
+        data, output_buffer_limit=MAX_DECODED_BODY_BYTES + 1
+    )
+    return decoded[: MAX_DECODED_BODY_BYTES + 1]
 
 
 def _decode_zstd(data: bytes) -> bytes:
     import zstandard
 
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
-    return reader.read(MAX_DECODED_BODY_BYTES)
+    return reader.read(MAX_DECODED_BODY_BYTES + 1)
 
 
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {
@@ -217,7 +223,7 @@ class Event:
             truncated=self.request_body_truncated,
             content_type=_header(self.request_headers, b"content-type"),
         )
-        response_body, response_encoding = self._render_response_body()
+        response_body, response_encoding, decoded_cut = self._render_response_body()
         rendered: dict[str, Any] = {
             "schema_version": self.schema_version,
             "event_id": self.event_id,
@@ -238,7 +244,7 @@ class Event:
             "response_body": response_body,
             "response_body_encoding": response_encoding,
             "response_body_size": self.response_body_size,
-            "response_body_truncated": self.response_body_truncated,
+            "response_body_truncated": self.response_body_truncated or decoded_cut,
             "streamed": self.streamed,
             "outcome": self.outcome,
             "error": self.error,
@@ -264,20 +270,24 @@ class Event:
             self._json.append(orjson.dumps(self.to_dict()))
         return self._json[0]
 
-    def _render_response_body(self) -> tuple[str | None, str]:
+    def _render_response_body(self) -> tuple[str | None, str, bool]:
+        """The response body as text or base64, and whether decoding cut it."""
         body = self.response_body
         coding = self.response_body_content_encoding
+        cut = False
         if body and coding:
             decoded = _content_decode(body, coding)
             if decoded is None:
                 # Undecodable: keep the bytes the client got, as base64.
-                return base64.b64encode(body).decode("ascii"), "base64"
-            body = decoded
-        return _render_body(
+                return base64.b64encode(body).decode("ascii"), "base64", False
+            cut = len(decoded) > MAX_DECODED_BODY_BYTES
+            body = decoded[:MAX_DECODED_BODY_BYTES]
+        text, encoding = _render_body(
             body,
-            truncated=self.response_body_truncated,
+            truncated=self.response_body_truncated or cut,
             content_type=_header(self.response_headers, b"content-type"),
         )
+        return text, encoding, cut
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:

@@ -27,7 +27,16 @@ from ._bus import (
 )
 from ._event import Event
 
+# Captured bodies a subscriber may have waiting, whatever the event count:
+# with bodies of up to 4 MiB each, a count alone would let a stuck sink hold
+# gigabytes before anything is dropped.
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+
 logger = logging.getLogger(__name__)
+
+
+def _body_bytes(event: Event) -> int:
+    return len(event.request_body) + len(event.response_body)
 
 
 @attrs.define(eq=False)
@@ -38,16 +47,25 @@ class _MemorySubscription(Subscription):
     _batch_size: int
     _flush_interval: float
     _drops: DropWarning
+    _max_bytes: int
     delivered: int = 0
     dropped: int = 0
+    _bytes: int = 0
 
     def offer(self, event: Event) -> bool:
+        size = _body_bytes(event)
+        # Past the byte budget only when something already waits: a single
+        # event larger than the budget still gets through an empty buffer.
+        over_budget = self._bytes > 0 and self._bytes + size > self._max_bytes
         try:
+            if over_budget:
+                raise trio.WouldBlock
             self._send.send_nowait(event)
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.dropped += 1
             self._drops.count()
             return False
+        self._bytes += size
         return True
 
     def end(self) -> None:
@@ -62,6 +80,7 @@ class _MemorySubscription(Subscription):
             self._receive, self._batch_size, self._flush_interval
         )
         self.delivered += len(batch)
+        self._bytes -= sum(_body_bytes(event) for event in batch)
         return batch
 
 
@@ -71,13 +90,24 @@ class InMemoryEventBus(EventBus):
     Args:
         buffer_size: how many events each subscriber may have waiting; beyond
             that its new events are dropped and counted.
+        max_buffered_bytes: how many bytes of captured bodies each subscriber
+            may have waiting; beyond that, too, new events are dropped.
     """
 
-    def __init__(self, buffer_size: int = 1000) -> None:
+    def __init__(
+        self,
+        buffer_size: int = 1000,
+        *,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    ) -> None:
         if buffer_size <= 0:
             msg = f"buffer_size must be > 0, got {buffer_size!r}"
             raise ValueError(msg)
+        if max_buffered_bytes <= 0:
+            msg = f"max_buffered_bytes must be > 0, got {max_buffered_bytes!r}"
+            raise ValueError(msg)
         self._buffer_size = buffer_size
+        self._max_bytes = max_buffered_bytes
         self._subscriptions: list[_MemorySubscription] = []
         self._closed = False
         self._published = 0
@@ -126,6 +156,7 @@ class InMemoryEventBus(EventBus):
             batch_size,
             flush_interval,
             DropWarning(f"subscriber {name!r} is too slow"),
+            self._max_bytes,
         )
         if self._closed:
             send.close()

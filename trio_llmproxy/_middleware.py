@@ -70,6 +70,16 @@ def _is_streamed(headers: list[tuple[bytes, bytes]], status: int, method: str) -
     return _header(headers, b"content-length") is None
 
 
+def _promised_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    length = _header(headers, b"content-length")
+    if length is None or _header(headers, b"transfer-encoding") is not None:
+        return None
+    try:
+        return int(length)
+    except ValueError:
+        return None
+
+
 def _status_without_response(recorder: Recorder) -> int:
     # No response was started: the client left first (499, as nginx logs
     # it), or the app failed and the server answered 500 on its behalf.
@@ -78,6 +88,13 @@ def _status_without_response(recorder: Recorder) -> int:
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _describe(exc: BaseException) -> str:
+    """A short description of ``exc``, looking inside one-error groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -148,6 +165,7 @@ class Recorder:
     finished: float | None = None
     chunk_marks: list[tuple[int, float]] = attrs.field(factory=list)
     answered: bool = False
+    promised_length: int | None = None
     disconnected: bool = False
     outcome: str | None = None
     error: str | None = None
@@ -233,6 +251,11 @@ class InstrumentationMiddleware:
                     if recorder.first_byte is None:
                         recorder.first_byte = time.perf_counter()
                     response_body.add(chunk)
+                    if response_body.size == recorder.promised_length:
+                        # The client has every byte Content-Length promised:
+                        # it may close now without cutting the exchange.
+                        recorder.answered = True
+                        recorder.finished = time.perf_counter()
                     if len(chunk_marks) < MAX_CHUNK_MARKS:
                         chunk_marks.append((response_body.size, time.perf_counter()))
                 if not message.get("more_body", False):
@@ -254,23 +277,24 @@ class InstrumentationMiddleware:
             if _is_cancellation(exc):
                 recorder.note(*self._cancelled_outcome(recorder))
             else:
-                recorder.note("upstream_error", f"{type(exc).__name__}: {exc}")
+                recorder.note("upstream_error", _describe(exc))
             raise
         finally:
             self._publish(scope, recorder)
 
     def _start(self, scope: Scope) -> tuple[Recorder, Scope]:
         headers = scope["headers"]
-        given = None
-        for name, value in headers:
-            if name == REQUEST_ID_HEADER:
-                given = value
-                break
-        if given is not None and _is_sane_request_id(given):
-            request_id = given.decode("ascii")
+        given = [value for name, value in headers if name == REQUEST_ID_HEADER]
+        if len(given) == 1 and _is_sane_request_id(given[0]):
+            request_id = given[0].decode("ascii")
             forwarded = headers
         else:
-            request_id = _new_id()
+            # Missing, insane, or repeated: exactly one ID goes upstream,
+            # the first sane one the client sent or a new one.
+            if given and _is_sane_request_id(given[0]):
+                request_id = given[0].decode("ascii")
+            else:
+                request_id = _new_id()
             forwarded = [(n, v) for n, v in headers if n != REQUEST_ID_HEADER]
             forwarded.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
         recorder = Recorder(
@@ -304,6 +328,7 @@ class InstrumentationMiddleware:
         # as they came); the event, redaction and the lookups of
         # Content-Type, -Length and -Encoding all expect lower case.
         recorder.response_headers = [(name.lower(), value) for name, value in headers]
+        recorder.promised_length = _promised_length(recorder.response_headers)
         return {**message, "headers": headers}
 
     @staticmethod

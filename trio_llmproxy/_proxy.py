@@ -350,10 +350,19 @@ class ProxyApp:
             "body": b"",
             "more_body": True,
         }
+        # Once the client has every byte a Content-Length promised, it may
+        # close at once; that is not a cut exchange.
+        remaining = _promised_length(scope, response)
+        if remaining == 0:
+            client.answered = True
         chunks = response.aiter_raw()
         try:
             async for chunk in chunks:
                 message["body"] = chunk
+                if remaining is not None:
+                    remaining -= len(chunk)
+                    if remaining <= 0:
+                        client.answered = True
                 await send(message)
         except httpx.HTTPError as exc:
             # The head is out: all that is left is to cut the client's stream
@@ -410,6 +419,19 @@ async def _finish_cut(response: httpx.Response, chunks: AsyncIterator[bytes]) ->
                 pass
         except Exception as exc:
             logger.debug("after a cut stream: %r", exc)
+
+
+def _promised_length(scope: Scope, response: httpx.Response) -> int | None:
+    """Body bytes the client expects from the response head, if it says."""
+    if scope["method"] == "HEAD" or response.status_code in (204, 304):
+        return 0
+    value = response.headers.get("content-length")
+    if value is None or "transfer-encoding" in response.headers:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _note_error(scope: Scope, error: UpstreamError) -> None:

@@ -104,8 +104,36 @@ class JsonlFileSink(Sink):
         self._lock = trio.Lock()
 
     async def __aenter__(self) -> Self:
-        self._fd = await trio.to_thread.run_sync(open_event_log, self.path)
+        self._fd = await trio.to_thread.run_sync(self._open)
         return self
+
+    def _open(self) -> int:
+        fd = open_event_log(self.path)
+        _end_with_newline(fd, self.path)
+        return fd
+
+    def _reopen_if_moved(self, fd: int) -> int:
+        """Follow the path when the file was moved or deleted (log rotation).
+
+        Without this, events would go on into a file nobody can reach.
+        """
+        try:
+            moved = not os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            moved = True
+        except OSError as exc:
+            msg = f"cannot append to {str(self.path)!r}: {exc.strerror}"
+            raise SinkError(msg, permanent=exc.errno == errno.EBADF) from exc
+        if not moved:
+            return fd
+        try:
+            new_fd = self._open()
+        except ConfigError as exc:
+            raise SinkError(str(exc)) from exc
+        logger.info("event log %s was moved or deleted: writing a new one", self.path)
+        os.close(fd)
+        self._fd = new_fd
+        return new_fd
 
     async def deliver(self, events: Sequence[Event]) -> None:
         """Append ``events``; see the class docstring."""
@@ -124,6 +152,7 @@ class JsonlFileSink(Sink):
         if fd is None:
             msg = f"event log {str(self.path)!r} is not open"
             raise SinkError(msg)
+        fd = self._reopen_if_moved(fd)
         data = memoryview(encode_lines(events))
         start: int | None = None
         try:
@@ -145,6 +174,23 @@ class JsonlFileSink(Sink):
             os.ftruncate(fd, size)
         except OSError:
             logger.exception("cannot cut %s back to its last whole line", self.path)
+
+
+def _end_with_newline(fd: int, path: Path) -> None:
+    """Finish a last line left partial (by a crash) so new lines start clean.
+
+    The fragment stays as one line that is not valid JSON; the events after
+    it are intact. Nothing already written is removed.
+    """
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0:
+        return
+    with open(path, "rb") as reader:
+        reader.seek(size - 1)
+        if reader.read(1) == b"\n":
+            return
+    os.write(fd, b"\n")
+    logger.warning("event log %s ended in a partial line; it was ended", path)
 
 
 def _sync_and_close(fd: int) -> None:

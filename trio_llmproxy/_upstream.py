@@ -193,9 +193,13 @@ class Upstream:
         full = self.base_path + raw_path
         if query:
             full += b"?" + query
-        return httpx.URL(
-            scheme=self.scheme, host=self.host, port=self.port, raw_path=full
-        )
+        try:
+            return httpx.URL(
+                scheme=self.scheme, host=self.host, port=self.port, raw_path=full
+            )
+        except httpx.InvalidURL as exc:
+            msg = f"the request target is not a valid URL path: {exc}"
+            raise ClientError(msg) from exc
 
 
 def _path_of_absolute_form(target: bytes) -> bytes:
@@ -207,6 +211,11 @@ def _path_of_absolute_form(target: bytes) -> bytes:
         msg = "the request target must be a path or an absolute URL"
         raise ClientError(msg)
     return path
+
+
+# Headers the proxy itself guarantees end to end: a Connection header naming
+# them does not make them hop-by-hop.
+_NEVER_HOP_BY_HOP: Final = frozenset({b"x-request-id"})
 
 
 def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -222,7 +231,12 @@ def end_to_end_headers(
 ) -> list[tuple[bytes, bytes]]:
     """Return ``headers`` without hop-by-hop ones, order and repeats kept."""
     headers = list(headers)
-    drop = HOP_BY_HOP_HEADERS | also_drop | _connection_listed(headers)
+    listed = _connection_listed(headers) - _NEVER_HOP_BY_HOP
+    drop = HOP_BY_HOP_HEADERS | also_drop | listed
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        # Chunked framing wins over a Content-Length beside it (RFC 9112
+        # section 6.3); the length would no longer describe what is sent.
+        drop |= {b"content-length"}
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
