@@ -29,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,9 +119,12 @@ def scenarios(quick: bool) -> list[dict[str, Any]]:
     else:
         series = [(n, c) for n in (10, 100, 1000) for c in (1, 16, 64, 256)]
     for chunks, concurrency in series:
-        # Enough requests for every connection to do a few, bounded in events.
+        # Enough requests for every connection to do a few, and for the CPU
+        # time (counted in 10 ms ticks) to be precise, bounded in events.
         budget = 2_000 if quick else 40_000
-        requests = max(concurrency, min(8 * concurrency, budget // chunks))
+        requests = min(
+            max(budget // chunks, concurrency, 50), max(8 * concurrency, 200)
+        )
         if chunks * concurrency > 100_000:
             requests = concurrency
         if quick:
@@ -445,6 +449,7 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int | None] = {}
         self.logs: list[Path] = []
+        self.proxy_logs: dict[str, Path] = {}
         self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if self.other_cpus is not None:
             os.sched_setaffinity(0, self.other_cpus)
@@ -539,6 +544,7 @@ class Bench:
             return False
         self.ports[target] = port
         self.pids[target] = process.pid
+        self.proxy_logs[target] = self.logs[-1]
         return True
 
     def add_compare(self, url: str, pid: int | None) -> None:
@@ -611,6 +617,10 @@ class Bench:
                 if result["errors"]:
                     samples = "; ".join(result["error_samples"])
                     msg = f"warm-up of target {target} failed: {samples}"
+                    log = self.proxy_logs.get(target)
+                    if log is not None and log.exists():
+                        tail = log.read_text(errors="replace")[-2000:]
+                        msg += f"\nthe proxy's log ends with:\n{tail}"
                     raise RuntimeError(msg)
 
 
@@ -766,7 +776,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwinds through run()'s ExitStack, which stops every child process.
+    sys.exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     result = run(args)
     print()
