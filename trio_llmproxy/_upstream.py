@@ -253,7 +253,12 @@ def has_request_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 def convert_error(exc: httpx.HTTPError, upstream_url: str) -> UpstreamError:
     """Turn an httpx error into our error type, with a message for the client."""
     where = redact_url(upstream_url)
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamTimeout(
+            f"no free connection to the upstream {where} in time: the proxy's "
+            "upstream connections are all in use"
+        )
+    if isinstance(exc, httpx.ConnectTimeout):
         return UpstreamTimeout(f"timed out connecting to the upstream {where}")
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"the upstream {where} did not answer in time")
