@@ -267,6 +267,17 @@ def test_in_band_error_is_an_upstream_error(
     }
 
 
+def test_in_band_error_makes_the_event_outcome_upstream_error() -> None:
+    transcript = load("anthropic.error")
+    event = make_event(transcript.path, transcript.request, transcript.chunks())
+
+    rendered = event.to_dict()
+
+    assert event.outcome == "ok"
+    assert rendered["outcome"] == "upstream_error"
+    assert rendered["error"] == "in-band error: Overloaded"
+
+
 @pytest.mark.parametrize("name", COMPLETE)
 def test_stream_cut_before_its_terminal_event_is_incomplete(name: str) -> None:
     transcript = cut_before_terminal(load(name))

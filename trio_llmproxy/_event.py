@@ -160,6 +160,21 @@ def _parse_timestamp(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def _true_outcome(
+    outcome: str, error: str | None, llm: Mapping[str, Any] | None
+) -> tuple[str, str | None]:
+    """The exchange's outcome, made ``upstream_error`` by an in-band error.
+
+    A 2xx answer that carries an error event (found when the body is parsed,
+    off the request path) is not a success, whatever the exchange looked like.
+    """
+    detail = (llm or {}).get("outcome_detail") or {}
+    if outcome != "ok" or detail.get("outcome") != "upstream_error":
+        return outcome, error
+    message = detail.get("error_message") or "the upstream reported an error"
+    return "upstream_error", error or f"in-band error: {message}"
+
+
 def _parse_body(text: str | None, encoding: str) -> bytes:
     if text is None:
         return b""
@@ -224,6 +239,8 @@ class Event:
             content_type=_header(self.request_headers, b"content-type"),
         )
         response_body, response_encoding, decoded_cut = self._render_response_body()
+        llm = self.describe_llm()
+        outcome, error = _true_outcome(self.outcome, self.error, llm)
         rendered: dict[str, Any] = {
             "schema_version": self.schema_version,
             "event_id": self.event_id,
@@ -246,9 +263,9 @@ class Event:
             "response_body_size": self.response_body_size,
             "response_body_truncated": self.response_body_truncated or decoded_cut,
             "streamed": self.streamed,
-            "outcome": self.outcome,
-            "error": self.error,
-            "llm": self.describe_llm(),
+            "outcome": outcome,
+            "error": error,
+            "llm": llm,
         }
         for key, value in self.extra.items():
             rendered.setdefault(key, value)
