@@ -201,19 +201,20 @@ def error_body(exc: ProxyError) -> bytes:
     )
 
 
+def _error_head(exc: ProxyError, body: bytes, *, close: bool = False) -> Message:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return {"type": "http.response.start", "status": exc.status, "headers": headers}
+
+
 async def send_error(send: Send, exc: ProxyError) -> None:
     """Answer with ``exc``'s status and an OpenAI-style JSON error body."""
     body = error_body(exc)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode("ascii")),
-            ],
-        }
-    )
+    await send(_error_head(exc, body))
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -388,17 +389,7 @@ async def _refuse(scope: Scope, client: _Client, send: Send, exc: ProxyError) ->
     # the body, before the response ends and the server closes the
     # connection (it cannot be reused with a body left unread).
     body = error_body(exc)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode("ascii")),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    await send(_error_head(exc, body, close=True))
     await send({"type": "http.response.body", "body": body, "more_body": True})
     await client.discard_body(LINGER_SECONDS)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
