@@ -2,7 +2,8 @@
 
 HTTP tests serve the wrapped app with Hypercorn on a loopback port and talk
 to it with httpx, under a hang guard; the scopes the middleware must leave
-alone (websocket, lifespan) are checked by calling it directly.
+alone (lifespan) are checked by calling it directly. WebSocket sessions have
+their own tests, in test_websocket_events.py.
 """
 
 from __future__ import annotations
@@ -294,16 +295,38 @@ async def _passes_through_untouched(scope: dict[str, Any]) -> None:
     assert bus.statistics().published == 0
 
 
-async def test_websocket_scope_passes_through_untouched() -> None:
-    await _passes_through_untouched(
-        {
-            "type": "websocket",
-            "path": "/ws",
-            "raw_path": b"/ws",
-            "query_string": b"",
-            "headers": [(b"host", b"h")],
-        }
-    )
+async def test_websocket_scope_is_recorded_and_left_unchanged() -> None:
+    headers = [(b"host", b"h")]
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "headers": headers,
+        "extensions": {},
+    }
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+
+    async def app(app_scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    bus = InMemoryEventBus()
+    await InstrumentationMiddleware(app, bus)(scope, receive, send)
+
+    assert scope["headers"] is headers and headers == [(b"host", b"h")]
+    assert scope["extensions"] == {}
+    assert bus.statistics().published == 1
 
 
 async def test_lifespan_scope_passes_through_untouched() -> None:

@@ -1,10 +1,11 @@
-"""The event: one record per proxied request, and its JSON form.
+"""The event: one record per proxied request or WebSocket session, and its JSON.
 
 An :class:`Event` is built on the request path from what the request already
 had to touch (headers, body chunks, timings), so it holds raw bytes. Turning
 it into JSON (decoding compressed bodies, choosing text or base64, naming
 timestamps) happens in :meth:`Event.to_dict`, which only subscribers call,
-off the request path.
+off the request path. A WebSocket session's messages are held the same way
+(:class:`WebSocketSession`): references to what passed, rendered later.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import datetime
 import io
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 import orjson
@@ -183,6 +184,127 @@ def _parse_body(text: str | None, encoding: str) -> bytes:
     return text.encode("utf-8")
 
 
+class WebSocketMessage(NamedTuple):
+    """One message of a WebSocket session, as captured.
+
+    ``data`` is ``str`` for a text message and ``bytes`` for a binary one; it
+    holds only the first bytes of the message when the capture cap cut it,
+    while ``size`` is always the message's true size in bytes (UTF-8 for
+    text). ``at_ms`` is when the message passed, in ms since the handshake
+    arrived.
+    """
+
+    from_client: bool
+    at_ms: float
+    data: str | bytes
+    size: int
+
+
+@attrs.frozen(kw_only=True)
+class WebSocketSide:
+    """What one side of a session sent: counts, bytes, and its close."""
+
+    messages: int = 0
+    bytes: int = 0
+    close_code: int | None = None
+    close_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON object of this side (see docs/events.md)."""
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "close_code": self.close_code,
+            "close_reason": self.close_reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WebSocketSide:
+        """Rebuild a side from :meth:`to_dict`'s output."""
+        return cls(
+            messages=data["messages"],
+            bytes=data["bytes"],
+            close_code=data["close_code"],
+            close_reason=data["close_reason"],
+        )
+
+
+def _render_message(message: WebSocketMessage) -> dict[str, Any]:
+    data = message.data
+    return {
+        "from": "client" if message.from_client else "upstream",
+        "at_ms": round(message.at_ms, 3),
+        "type": "text" if isinstance(data, str) else "binary",
+        "data": data if isinstance(data, str) else base64.b64encode(data).decode(),
+        "size": message.size,
+    }
+
+
+def _parse_message(data: Mapping[str, Any]) -> WebSocketMessage:
+    text = data["data"]
+    if data["type"] != "text":
+        text = base64.b64decode(text)
+    elif not isinstance(text, str):
+        msg = f"a text message's data must be a string, not {type(text).__name__}"
+        raise TypeError(msg)
+    return WebSocketMessage(
+        from_client=data["from"] == "client",
+        at_ms=data["at_ms"],
+        data=text,
+        size=data["size"],
+    )
+
+
+@attrs.frozen(kw_only=True)
+class WebSocketSession:
+    """What passed in one WebSocket session: the ``websocket`` object of its event.
+
+    ``messages`` lists the captured messages of both directions in the order
+    they passed, up to the response capture cap over both directions;
+    ``messages_truncated`` says whether the cap left some out (or cut one).
+    The counts of ``client`` and ``upstream`` are exact whatever the cap.
+    ``closed_by`` names the side that closed first (``"client"`` or
+    ``"upstream"``), or is ``None`` when neither did (the handshake was
+    refused, or the session was cut). ``llm_messages`` holds upstream
+    messages that the cap left out of ``messages`` but that look like
+    Realtime API events the ``llm`` object needs (``response.done``,
+    ``session.*``, ``error``); they are not part of the JSON form.
+    """
+
+    subprotocol: str | None = None
+    closed_by: str | None = None
+    client: WebSocketSide = WebSocketSide()
+    upstream: WebSocketSide = WebSocketSide()
+    messages: Sequence[WebSocketMessage] = ()
+    messages_truncated: bool = False
+    llm_messages: Sequence[WebSocketMessage] = attrs.field(
+        default=(), eq=False, repr=False
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON object of the session (see docs/events.md)."""
+        return {
+            "subprotocol": self.subprotocol,
+            "closed_by": self.closed_by,
+            "client": self.client.to_dict(),
+            "upstream": self.upstream.to_dict(),
+            "messages": [_render_message(message) for message in self.messages],
+            "messages_truncated": self.messages_truncated,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WebSocketSession:
+        """Rebuild a session from :meth:`to_dict`'s output."""
+        return cls(
+            subprotocol=data["subprotocol"],
+            closed_by=data["closed_by"],
+            client=WebSocketSide.from_dict(data["client"]),
+            upstream=WebSocketSide.from_dict(data["upstream"]),
+            messages=[_parse_message(message) for message in data["messages"]],
+            messages_truncated=data["messages_truncated"],
+        )
+
+
 @attrs.frozen(kw_only=True)
 class Event:
     """One proxied request and its response, as recorded by the middleware.
@@ -195,7 +317,8 @@ class Event:
     fields of their own. ``response_chunk_marks`` holds, for the first
     response chunks sent, the offset in the response body where each ended
     and when it was sent (ms since arrival); the ``llm`` object's time to
-    first token comes from them.
+    first token comes from them. ``websocket`` is set for a WebSocket session
+    (``method`` ``"WEBSOCKET"``) and ``None`` for an HTTP exchange.
     """
 
     event_id: str
@@ -222,6 +345,7 @@ class Event:
     streamed: bool
     outcome: str
     error: str | None
+    websocket: WebSocketSession | None = None
     extra: Mapping[str, Any] = attrs.field(factory=dict)
     schema_version: int = SCHEMA_VERSION
     _json: list[bytes] = attrs.field(
@@ -267,8 +391,12 @@ class Event:
             "error": error,
             "llm": llm,
         }
+        if self.websocket is not None:
+            # Only sessions have the object, so HTTP events keep their shape.
+            rendered["websocket"] = self.websocket.to_dict()
         for key, value in self.extra.items():
-            rendered.setdefault(key, value)
+            if key not in _OPTIONAL_FIELD_NAMES:
+                rendered.setdefault(key, value)
         return rendered
 
     def describe_llm(self) -> dict[str, Any] | None:
@@ -339,6 +467,9 @@ class Event:
                 streamed=data["streamed"],
                 outcome=data["outcome"],
                 error=data["error"],
+                websocket=None
+                if data.get("websocket") is None
+                else WebSocketSession.from_dict(data["websocket"]),
                 extra={k: v for k, v in data.items() if k not in _FIELD_NAMES},
                 schema_version=data["schema_version"],
             )
@@ -366,7 +497,9 @@ class Event:
         return cls.from_dict(data)
 
 
-_FIELD_NAMES: Final = frozenset(
+# Fields that only some events have; an extra field never takes their name.
+_OPTIONAL_FIELD_NAMES: Final = frozenset({"websocket"})
+_FIELD_NAMES: Final = _OPTIONAL_FIELD_NAMES | frozenset(
     Event(
         event_id="",
         request_id="",

@@ -32,6 +32,7 @@ import logging
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs
 
 import attrs
 import orjson
@@ -39,9 +40,10 @@ import orjson
 from ._sse import SSEEvent, SSEParser
 
 if TYPE_CHECKING:
-    from ._event import Event
+    from ._event import Event, WebSocketMessage, WebSocketSession
 
 CHAT_COMPLETIONS: Final = "chat.completions"
+REALTIME: Final = "realtime"
 RESPONSES: Final = "responses"
 ANTHROPIC_MESSAGES: Final = "anthropic.messages"
 EMBEDDINGS: Final = "embeddings"
@@ -75,6 +77,20 @@ _RESPONSES_TERMINAL_EVENTS: Final = frozenset(
     {"response.completed", "response.failed", "response.incomplete"}
 )
 
+# Server events of the Realtime API (the beta's names and the GA's) that
+# carry generated content: the first one's time is the time to first token.
+_REALTIME_CONTENT_EVENTS: Final = frozenset(
+    {
+        "response.text.delta",
+        "response.output_text.delta",
+        "response.audio.delta",
+        "response.output_audio.delta",
+        "response.audio_transcript.delta",
+        "response.output_audio_transcript.delta",
+        "response.function_call_arguments.delta",
+    }
+)
+
 logger = logging.getLogger(__name__)
 
 Json = dict[str, Any]
@@ -93,6 +109,10 @@ def _object(value: Any) -> Json:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _int(value: Any) -> int | None:
@@ -596,13 +616,183 @@ def _outcome_detail(event: Event, analysis: _Analysis, *, checked_end: bool) -> 
     }
 
 
+# The Realtime API, over a WebSocket session.
+
+
+def _add_usage(total: Json, usage: Json) -> None:
+    """Add the counts of ``usage`` into ``total``, nested objects included."""
+    for key, value in usage.items():
+        if isinstance(value, dict):
+            inner = total.get(key)
+            if not isinstance(inner, dict):
+                inner = total[key] = {}
+            _add_usage(inner, value)
+        elif _int(value) is not None:
+            current = total.get(key)
+            total[key] = (_int(current) or 0) + value
+
+
+def _realtime_usage(raw: Json) -> Json:
+    details = _object(raw.get("input_token_details"))
+    usage = normalise_usage(REALTIME, raw)
+    if usage["cached_tokens"] is None:
+        usage["cached_tokens"] = _int(details.get("cached_tokens"))
+    return usage
+
+
+@attrs.define
+class _Realtime:
+    """What the upstream's Realtime events said, gathered event by event."""
+
+    analysis: _Analysis
+    usage: Json | None = None
+    responses: int = 0
+    outputs: list[str] = attrs.field(factory=list)
+    ttft: float | None = None
+
+    def server_event(self, data: Json, at_ms: float) -> None:
+        kind = _text(data.get("type"))
+        if kind in _REALTIME_CONTENT_EVENTS and self.ttft is None:
+            self.ttft = at_ms
+        if kind in ("session.created", "session.updated"):
+            self.analysis.note_model(_object(data.get("session")).get("model"))
+        elif kind == "response.done":
+            self.response_done(_object(data.get("response")))
+        elif kind == "error":
+            self.analysis.note_error(data.get("error") or data)
+
+    def response_done(self, response: Json) -> None:
+        self.responses += 1
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            if self.usage is None:
+                self.usage = {}
+            _add_usage(self.usage, usage)
+        details = _object(response.get("status_details"))
+        status = _text(response.get("status")) or "unknown"
+        reason = _text(details.get("reason"))
+        position = len(self.analysis.finish_reasons)
+        self.analysis.finish_reasons[position] = reason or status
+        if status == "failed":
+            self.analysis.note_error(details.get("error"), kind="response.failed")
+        texts: list[str] = []
+        for item in _list(response.get("output")):
+            self.output_item(_object(item), texts)
+        if texts:
+            self.outputs.append("".join(texts))
+
+    def output_item(self, item: Json, texts: list[str]) -> None:
+        if item.get("type") == "function_call":
+            call = self.analysis.tool_call(
+                (0, len(self.analysis.tool_calls)), len(self.analysis.tool_calls)
+            )
+            call.id = _text(item.get("call_id")) or _text(item.get("id"))
+            call.name = _text(item.get("name"))
+            if isinstance(item.get("arguments"), str):
+                call.arguments.append(item["arguments"])
+            return
+        for part in _list(item.get("content")):
+            part = _object(part)
+            # Text parts carry "text"; audio parts their "transcript".
+            text = _text(part.get("text")) or _text(part.get("transcript"))
+            if text:
+                texts.append(text)
+
+
+def _is_realtime(event: Event) -> bool:
+    route = event.path.split("?", 1)[0].rstrip("/")
+    if route.endswith("/realtime"):
+        return True
+    session = event.websocket
+    for message in session.messages[:8] if session is not None else ():
+        if not message.from_client and isinstance(message.data, str):
+            data = _loads(message.data)
+            if isinstance(data, dict) and data.get("type") == "session.created":
+                return True
+    return False
+
+
+def _whole_server_texts(session: WebSocketSession) -> Iterator[WebSocketMessage]:
+    """The upstream's text messages that were captured whole, in order.
+
+    Those in ``messages`` come first; the message the capture cap cut is
+    taken whole from ``llm_messages``, with the ones after it kept there.
+    """
+    for message in session.messages:
+        if message.from_client or not isinstance(message.data, str):
+            continue
+        if session.messages_truncated and message is session.messages[-1]:
+            if len(message.data.encode("utf-8")) < message.size:
+                continue
+        yield message
+    yield from session.llm_messages
+
+
+def _query_model(query: str) -> str | None:
+    models = parse_qs(query).get("model")
+    return models[0] if models else None
+
+
+def describe_realtime(event: Event) -> Json | None:
+    """Return the ``llm`` object of a Realtime API session, or None.
+
+    ``None`` means the session does not look like one: its path does not end
+    in ``/realtime`` and the upstream did not open with ``session.created``.
+    Usage is the sum over the session's ``response.done`` events.
+    """
+    session = event.websocket
+    if session is None or not _is_realtime(event):
+        return None
+    realtime = _Realtime(_Analysis(REALTIME))
+    for message in _whole_server_texts(session):
+        data = _loads(message.data)
+        if not isinstance(data, dict):
+            realtime.analysis.malformed_events += 1
+            continue
+        try:
+            realtime.server_event(data, message.at_ms)
+        except Exception:
+            # An event of an unexpected shape costs itself, not the session.
+            realtime.analysis.malformed_events += 1
+    analysis = realtime.analysis
+    detail = _outcome_detail(event, analysis, checked_end=False)
+    if event.status >= 400:
+        # A refused handshake: its body says why, as an HTTP error's does.
+        body = _json_body(event) or {}
+        analysis.note_error(body.get("error") or body)
+        detail = _outcome_detail(
+            attrs.evolve(event, outcome="ok"), analysis, checked_end=False
+        )
+    usage = realtime.usage
+    return {
+        "api": REALTIME,
+        "request_model": _query_model(event.query),
+        "response_model": analysis.response_model,
+        "stream": True,
+        "usage": None if usage is None else _realtime_usage(usage),
+        "finish_reasons": [
+            analysis.finish_reasons[index] for index in sorted(analysis.finish_reasons)
+        ],
+        "output_text": "\n".join(realtime.outputs) if realtime.outputs else None,
+        "reasoning_text": None,
+        "tool_calls": [call.as_json() for call in analysis.tool_calls.values()],
+        "ttft_ms": None if realtime.ttft is None else round(realtime.ttft, 3),
+        "outcome_detail": detail,
+        "malformed_events": analysis.malformed_events,
+        "responses": realtime.responses,
+    }
+
+
 def describe_llm(event: Event) -> Json | None:
     """Return the ``llm`` object of ``event`` (see docs/events.md), or None.
 
     ``None`` means the exchange is not an LLM call: its path is none of the
     known APIs' and its request is no JSON object naming a ``model``. This
-    parses the captured bodies: call it off the request path.
+    parses the captured bodies: call it off the request path. A WebSocket
+    session is described by :func:`describe_realtime`.
     """
+    if event.websocket is not None:
+        return describe_realtime(event)
     request = _request_json(event)
     api = recognise_api(event.path, request)
     if api is None:

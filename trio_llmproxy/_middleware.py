@@ -5,6 +5,11 @@ references to the body chunks (up to the capture caps), their sizes, the
 status and headers, and three timestamps. Everything that costs more
 (decoding, base64, JSON) waits for the event's subscribers.
 
+A WebSocket session is recorded the same way, as one event with method
+``WEBSOCKET``: references to its messages (up to the response capture cap
+over both directions), their counts and sizes, each side's close, and the
+handshake's answer (the accept, or the refusal and its body).
+
 The app may tell the middleware how an exchange ended (for example that the
 upstream failed) with :func:`note_outcome`; otherwise the middleware infers
 it from what it saw.
@@ -13,6 +18,7 @@ it from what it saw.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -24,7 +30,7 @@ import trio
 from ._access import log_access
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._bus import EventBus
-from ._event import Event
+from ._event import Event, WebSocketMessage, WebSocketSession, WebSocketSide
 from ._redact import redact_headers, secret_header_names
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
@@ -36,6 +42,19 @@ EXTENSION_KEY: Final = "trio_llmproxy.recorder"
 # about 0.1-0.3 µs; the cap bounds the memory of a long stream (an LLM
 # stream's first content comes within its first few events).
 MAX_CHUNK_MARKS: Final = 128
+# Close codes that end a WebSocket session normally: done, or going away
+# (a server shutting down, say).
+CLEAN_CLOSE_CODES: Final = frozenset({1000, 1001})
+# Hypercorn answers a websocket.close sent before the accept with this status.
+CLOSE_BEFORE_ACCEPT_STATUS: Final = 403
+# Upstream text messages beyond the capture cap are still kept when their
+# start names one of these Realtime API events: the llm object's usage and
+# model come from them. Only the first bytes are searched, where the "type"
+# of such an event stands; the bytes kept so are bounded by the cap again.
+_LLM_EVENT_MARK: Final = re.compile(
+    r'"(?:response\.done|session\.created|session\.updated|error)"'
+)
+_LLM_EVENT_MARK_SPAN: Final = 256
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +103,26 @@ def _status_without_response(recorder: Recorder) -> int:
     # No response was started: the client left first (499, as nginx logs
     # it), or the app failed and the server answered 500 on its behalf.
     return 499 if recorder.disconnected else 500
+
+
+def _session_outcome(recorder: Recorder, session: _Session) -> tuple[str, str | None]:
+    """How a WebSocket session ended, from what passed (no note from the app)."""
+    if recorder.disconnected:
+        code = session.client.close_code
+        return "client_disconnected", f"client closed the session with code {code}"
+    if not session.accepted:
+        if recorder.status:
+            return "upstream_error", f"handshake refused with status {recorder.status}"
+        return "upstream_error", "the app ended without answering the handshake"
+    code = session.upstream.close_code
+    if code is None:
+        # Hypercorn closes such a session with 1011 for the app.
+        return "upstream_error", "the app ended the session without closing it"
+    if code in CLEAN_CLOSE_CODES:
+        return "ok", None
+    reason = session.upstream.close_reason
+    error = f"upstream closed the session with code {code}"
+    return "upstream_error", error if reason is None else f"{error}: {reason}"
 
 
 def _new_id() -> str:
@@ -150,6 +189,106 @@ class _Body:
         return b"".join(self.chunks)
 
 
+def _size(data: str | bytes) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    # Most text (JSON events) is ASCII: its length is its size, no copy.
+    return len(data) if data.isascii() else len(data.encode("utf-8"))
+
+
+def _cut(data: str | bytes, room: int) -> str | bytes:
+    """The first ``room`` bytes of ``data``; text loses a cut last character."""
+    if isinstance(data, bytes):
+        return data[:room]
+    return data.encode("utf-8")[:room].decode("utf-8", "ignore")
+
+
+@attrs.define
+class _Side:
+    messages: int = 0
+    bytes: int = 0
+    close_code: int | None = None
+    close_reason: str | None = None
+
+    def freeze(self) -> WebSocketSide:
+        return WebSocketSide(
+            messages=self.messages,
+            bytes=self.bytes,
+            close_code=self.close_code,
+            close_reason=self.close_reason,
+        )
+
+
+@attrs.define
+class _Session:
+    """What the middleware knows of one WebSocket session while it runs."""
+
+    cap: int
+    started: float
+    captured: int = 0
+    messages: list[WebSocketMessage] = attrs.field(factory=list)
+    truncated: bool = False
+    llm_messages: list[WebSocketMessage] = attrs.field(factory=list)
+    llm_captured: int = 0
+    client: _Side = attrs.field(factory=_Side)
+    upstream: _Side = attrs.field(factory=_Side)
+    accepted: bool = False
+    subprotocol: str | None = None
+    closed_by: str | None = None
+
+    def add(self, from_client: bool, data: str | bytes | None) -> None:
+        if data is None:
+            return
+        size = _size(data)
+        side = self.client if from_client else self.upstream
+        side.messages += 1
+        side.bytes += size
+        at_ms = (time.perf_counter() - self.started) * 1000.0
+        room = self.cap - self.captured
+        if size <= room and not self.truncated:
+            self.messages.append(WebSocketMessage(from_client, at_ms, data, size))
+            self.captured += size
+            return
+        if not self.truncated:
+            # The list stays a prefix of the session: the first message that
+            # does not fit is cut to the room left, and none comes after it.
+            self.truncated = True
+            if room > 0:
+                part = _cut(data, room)
+                self.messages.append(WebSocketMessage(from_client, at_ms, part, size))
+                self.captured = self.cap
+        if (
+            not from_client
+            and isinstance(data, str)
+            and self.llm_captured + size <= self.cap
+            and _LLM_EVENT_MARK.search(data, 0, _LLM_EVENT_MARK_SPAN)
+        ):
+            self.llm_messages.append(WebSocketMessage(from_client, at_ms, data, size))
+            self.llm_captured += size
+
+    def close(self, from_client: bool, message: Message) -> None:
+        side = self.client if from_client else self.upstream
+        if side.close_code is not None:
+            return
+        code = message.get("code")
+        reason = message.get("reason")
+        side.close_code = code if isinstance(code, int) else 1000
+        side.close_reason = reason if isinstance(reason, str) and reason else None
+        if self.closed_by is None:
+            self.closed_by = "client" if from_client else "upstream"
+
+    def freeze(self) -> WebSocketSession:
+        return WebSocketSession(
+            subprotocol=self.subprotocol,
+            closed_by=self.closed_by,
+            client=self.client.freeze(),
+            upstream=self.upstream.freeze(),
+            messages=self.messages,
+            messages_truncated=self.truncated,
+            llm_messages=self.llm_messages,
+        )
+
+
 @attrs.define
 class Recorder:
     """What the middleware knows of one exchange while it runs."""
@@ -169,6 +308,7 @@ class Recorder:
     disconnected: bool = False
     outcome: str | None = None
     error: str | None = None
+    session: _Session | None = None
 
     def note(self, outcome: str, error: str | None) -> None:
         """Record how the exchange ended; the first note wins."""
@@ -226,6 +366,9 @@ class InstrumentationMiddleware:
         self._enrich = enrich
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._record_session(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
@@ -281,6 +424,99 @@ class InstrumentationMiddleware:
             raise
         finally:
             self._publish(scope, recorder)
+
+    async def _record_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        recorder, scope = self._start(scope)
+        request_id = recorder.request_id.encode("ascii")
+        session = recorder.session = _Session(
+            self._settings.max_response_body_bytes, recorder.started
+        )
+
+        async def recording_receive() -> Message:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                data = message.get("bytes")
+                session.add(True, message.get("text") if data is None else data)
+            elif kind == "websocket.disconnect":
+                session.close(True, message)
+                if recorder.finished is None:
+                    # The client left before the app closed or refused.
+                    recorder.disconnected = True
+                    recorder.finished = time.perf_counter()
+            return message
+
+        async def recording_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "websocket.send":
+                if recorder.first_byte is None:
+                    recorder.first_byte = time.perf_counter()
+                data = message.get("bytes")
+                session.add(False, message.get("text") if data is None else data)
+            elif kind == "websocket.close":
+                if session.accepted:
+                    session.close(False, message)
+                elif not recorder.status:
+                    # Before the accept, Hypercorn refuses the handshake for it.
+                    recorder.status = CLOSE_BEFORE_ACCEPT_STATUS
+                await send(message)
+                if recorder.finished is None:
+                    recorder.finished = time.perf_counter()
+                return
+            elif kind == "websocket.accept":
+                message = self._stamp_accept(message, request_id, recorder)
+            elif kind == "websocket.http.response.start":
+                message = self._stamp_response(message, request_id, recorder)
+            elif kind == "websocket.http.response.body":
+                chunk = message.get("body", b"")
+                if chunk:
+                    if recorder.first_byte is None:
+                        recorder.first_byte = time.perf_counter()
+                    recorder.response_body.add(chunk)
+                if not message.get("more_body", False):
+                    await send(message)
+                    if recorder.finished is None:
+                        recorder.finished = time.perf_counter()
+                    return
+            await send(message)
+
+        try:
+            await self._app(scope, recording_receive, recording_send)
+        except BaseException as exc:
+            if _is_cancellation(exc):
+                recorder.note(*self._cancelled_session_outcome(recorder))
+            else:
+                recorder.note("upstream_error", _describe(exc))
+            raise
+        finally:
+            self._publish(scope, recorder)
+
+    @staticmethod
+    def _stamp_accept(
+        message: Message, request_id: bytes, recorder: Recorder
+    ) -> Message:
+        headers = [
+            (name, value)
+            for name, value in message.get("headers") or ()
+            if name.lower() != REQUEST_ID_HEADER
+        ]
+        headers.append((REQUEST_ID_HEADER, request_id))
+        recorder.status = 101
+        recorder.response_headers = [(name.lower(), value) for name, value in headers]
+        session = recorder.session
+        if session is not None:
+            session.accepted = True
+            subprotocol = message.get("subprotocol")
+            session.subprotocol = subprotocol if isinstance(subprotocol, str) else None
+        return {**message, "headers": headers}
+
+    @staticmethod
+    def _cancelled_session_outcome(recorder: Recorder) -> tuple[str, str]:
+        if recorder.disconnected:
+            return "client_disconnected", "client closed the connection"
+        # A session has no natural end to be cut short of: one ended by the
+        # proxy's shutdown is not a failure of the upstream.
+        return "ok", "cancelled: the proxy is shutting down"
 
     def _start(self, scope: Scope) -> tuple[Recorder, Scope]:
         headers = scope["headers"]
@@ -353,6 +589,9 @@ class InstrumentationMiddleware:
 
     def _build_event(self, scope: Scope, recorder: Recorder) -> Event:
         end = recorder.finished or time.perf_counter()
+        session = recorder.session
+        if session is not None and recorder.outcome is None:
+            recorder.note(*_session_outcome(recorder, session))
         if recorder.outcome is None:
             if recorder.disconnected and recorder.finished is None:
                 recorder.note("client_disconnected", "client closed the connection")
@@ -364,7 +603,7 @@ class InstrumentationMiddleware:
             event_id=_new_id(),
             request_id=recorder.request_id,
             timestamp=recorder.started_wall,
-            method=scope["method"],
+            method="WEBSOCKET" if session is not None else scope["method"],
             path=scope.get("raw_path", b"").decode("latin-1") or scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"),
             status=recorder.status or _status_without_response(recorder),
@@ -387,7 +626,20 @@ class InstrumentationMiddleware:
                 (end, (at - recorder.started) * 1000.0)
                 for end, at in recorder.chunk_marks
             ],
-            streamed=_is_streamed(response_headers, recorder.status, scope["method"]),
+            streamed=self._streamed(recorder, scope),
             outcome=recorder.outcome or "ok",
             error=recorder.error,
+            websocket=None if session is None else session.freeze(),
+        )
+
+    @staticmethod
+    def _streamed(recorder: Recorder, scope: Scope) -> bool:
+        session = recorder.session
+        if session is None:
+            return _is_streamed(
+                recorder.response_headers, recorder.status, scope["method"]
+            )
+        # An accepted session streams; a refusal is an HTTP answer.
+        return session.accepted or _is_streamed(
+            recorder.response_headers, recorder.status, "GET"
         )
