@@ -2,7 +2,8 @@
 
 :func:`create_app` stacks the pieces: ``GET /healthz`` is answered here and
 never forwarded or recorded; every other HTTP request goes through the
-instrumentation middleware to the forwarding app.
+instrumentation middleware to the forwarding app, and every WebSocket session
+through its own instance of the middleware to the WebSocket relay.
 
 The upstream client is either the caller's (``serve`` passes its own) or the
 app's: then the ASGI lifespan owns it, opening it at ``lifespan.startup`` and
@@ -28,6 +29,7 @@ from ._event import Event
 from ._middleware import CaptureSettings, InstrumentationMiddleware
 from ._proxy import ProxyApp
 from ._upstream import create_upstream_client
+from ._websocket import WebSocketRelay
 
 if TYPE_CHECKING:
     from ._metrics import ProxyMetrics
@@ -147,6 +149,7 @@ def create_app(
     *,
     enrich: Callable[[Event], Event] | None = None,
     metrics: ProxyMetrics | None = None,
+    going_away: trio.Event | None = None,
 ) -> ASGIApp:
     """Return the proxy as an ASGI app, to serve with one's own Hypercorn.
 
@@ -166,6 +169,11 @@ def create_app(
         metrics: served at ``config.metrics_path`` (unless that is empty),
             never forwarded or recorded; ``serve`` passes its own. Without
             it that path is forwarded like any other.
+        going_away: set it when the server begins to shut down: open
+            WebSocket sessions are then closed at once on both sides with
+            1001, "going away", instead of holding the shutdown until its
+            timeout cuts them (see docs/websocket.md). ``serve`` passes its
+            own.
     """
     metrics_path = config.metrics_path if metrics is not None else ""
     owned: _OwnedUpstream | None = None
@@ -176,6 +184,18 @@ def create_app(
         forward = proxy_app(config, client)
     recorded = InstrumentationMiddleware(
         forward,
+        bus,
+        capture_settings(config),
+        enrich=enrich,
+    )
+    # A middleware instance of its own, so the HTTP path pays nothing for
+    # telling the two kinds of scope apart.
+    sessions = InstrumentationMiddleware(
+        WebSocketRelay(
+            config.upstream_url,
+            connect_timeout=config.connect_timeout,
+            going_away=going_away,
+        ),
         bus,
         capture_settings(config),
         enrich=enrich,
@@ -199,6 +219,8 @@ def create_app(
             and scope["method"] == "GET"
         ):
             await metrics.serve_http(send)
+        elif kind == "websocket":
+            await sessions(scope, receive, send)
         else:
             await recorded(scope, receive, send)
 

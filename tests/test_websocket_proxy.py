@@ -1,0 +1,345 @@
+"""Tests for the WebSocket relay: sessions proxied to a Realtime-like upstream.
+
+Every test runs a real trio-websocket client (see ``ws_client``) through the
+proxy, served by Hypercorn on a loopback port, to the local upstream of
+``realtime_upstream``.
+Each test has a hang guard; all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from conftest import serve_asgi
+from realtime_upstream import (
+    AUDIO_FRAMES,
+    REFUSAL_BODY,
+    USAGE,
+    RealtimeUpstream,
+    serve_realtime_upstream,
+)
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+)
+from ws_client import open_client
+
+from trio_llmproxy import InMemoryEventBus, ProxyConfig, ServerHandle, create_app, serve
+
+HANG_GUARD_SECONDS = 10
+ONE_MEGABYTE = 1024 * 1024
+
+
+def _ws_url(http_url: str, path: str) -> str:
+    return "ws" + http_url.removeprefix("http") + path
+
+
+def _json(message: str | bytes) -> Any:
+    assert isinstance(message, str), f"expected a text message, got {message!r:.60}"
+    return orjson.loads(message)
+
+
+async def _send_json(ws: WebSocketConnection, event: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(event).decode())
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> RealtimeUpstream:
+    return await serve_realtime_upstream(nursery)
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, upstream: RealtimeUpstream) -> ServerHandle:
+    """The proxy, run by serve() as the CLI runs it, in front of ``upstream``."""
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url)
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+    return handle
+
+
+def _open(
+    proxy: ServerHandle, path: str = "/v1/realtime?model=gpt-realtime", **kwargs: Any
+) -> Any:
+    return open_client(_ws_url(proxy.addresses[0], path), **kwargs)
+
+
+@pytest.fixture
+async def autojump_guard() -> AsyncIterator[None]:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        yield
+
+
+pytestmark = pytest.mark.usefixtures("autojump_guard")
+
+
+async def test_session_relays_text_and_binary_both_ways_in_order(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    sent: list[str | bytes] = [
+        orjson.dumps(
+            {"type": "session.update", "session": {"voice": "alloy"}}
+        ).decode(),
+        b"\x00\x01 audio \xff",
+        orjson.dumps({"type": "test.echo", "text": "h\u00e9llo \u2603"}).decode(),
+        orjson.dumps({"type": "response.create"}).decode(),
+    ]
+
+    async with _open(proxy) as ws:
+        for message in sent:
+            await ws.send_message(message)
+        got = [await ws.get_message() for _ in range(8)]
+
+    assert upstream.sessions[0].received == sent
+    assert _json(got[0])["type"] == "session.created"
+    assert _json(got[1])["type"] == "session.updated"
+    assert got[2] == sent[1]
+    assert got[3] == sent[2]
+    assert _json(got[4])["type"] == "response.created"
+    assert tuple(got[5:7]) == AUDIO_FRAMES
+    done = _json(got[7])
+    assert done["type"] == "response.done"
+    assert done["response"]["usage"] == USAGE
+
+
+async def test_one_megabyte_binary_frame_passes_both_ways(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    frame = bytes(i % 253 for i in range(ONE_MEGABYTE))
+
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await ws.send_message(frame)
+        echoed = await ws.get_message()
+        await _send_json(ws, {"type": "test.binary", "size": ONE_MEGABYTE})
+        generated = await ws.get_message()
+
+    assert upstream.sessions[0].received[0] == frame
+    assert echoed == frame
+    assert generated == bytes(i % 251 for i in range(ONE_MEGABYTE))
+
+
+async def test_sixteen_mebibyte_message_passes_from_the_upstream(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    size = 16 * ONE_MEGABYTE
+
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await _send_json(ws, {"type": "test.binary", "size": size})
+        generated = await ws.get_message()
+
+    assert len(generated) == size
+
+
+async def test_upstream_picks_one_of_the_offered_subprotocols(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    offered = ["openai-insecure-api-key.sk-test", "openai-beta.realtime-v1"]
+
+    async with _open(proxy, subprotocols=offered) as ws:
+        chosen = ws.subprotocol
+
+    assert chosen == "openai-beta.realtime-v1"
+    assert upstream.sessions[0].subprotocol == "openai-beta.realtime-v1"
+
+
+async def test_client_gets_the_upstreams_handshake_refusal(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    with pytest.raises(ConnectionRejected) as refused:
+        async with _open(proxy, "/v1/realtime?refuse=401"):
+            pass
+
+    assert refused.value.status_code == 401
+    assert refused.value.body == REFUSAL_BODY
+    assert (b"x-refusal", b"yes") in refused.value.headers
+
+
+async def test_unreachable_upstream_gives_502_with_a_json_error(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.socket.socket() as sock:
+        # A port that was free a moment ago: nothing listens on it.
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=f"http://127.0.0.1:{port}")
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    with pytest.raises(ConnectionRejected) as refused:
+        async with _open(handle):
+            pass
+
+    assert refused.value.status_code == 502
+    assert refused.value.body is not None
+    error = orjson.loads(refused.value.body)["error"]
+    assert error["type"] == "proxy_error"
+    assert error["code"] == "upstream_unreachable"
+
+
+async def test_client_closing_closes_the_upstream_within_a_second(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await ws.aclose(4000, "user hung up")
+        closed_at = trio.current_time()
+
+    session = upstream.sessions[0]
+    with trio.fail_after(1):
+        await session.closed.wait()
+    assert session.closed_at is not None
+    assert session.closed_at - closed_at < 1.0
+    # Hypercorn reports every close by the client as 1006 (see
+    # docs/websocket.md), which the relay passes on as 1001.
+    assert session.close_code == 1001
+
+
+async def test_upstream_closing_with_1011_gives_the_client_1011_and_reason(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await _send_json(ws, {"type": "test.close", "code": 1011, "reason": "boom"})
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1011
+    assert closed.value.reason.reason == "boom"
+
+
+async def test_messages_sent_before_the_upstream_closes_reach_the_client(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await _send_json(ws, {"type": "response.create"})
+        await _send_json(ws, {"type": "test.close", "code": 1000, "reason": "done"})
+        got = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                got.append(await ws.get_message())
+
+    assert len(got) == 4
+    assert _json(got[-1])["type"] == "response.done"
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1000
+
+
+async def test_shutdown_closes_open_sessions_with_1001_at_once(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    config = ProxyConfig(
+        listen="127.0.0.1:0", upstream_url=upstream.url, shutdown_timeout=30
+    )
+    stopped = trio.Event()
+
+    async def run_proxy(task_status: trio.TaskStatus[ServerHandle]) -> None:
+        await serve(config, task_status=task_status)
+        stopped.set()
+
+    handle: ServerHandle = await nursery.start(run_proxy)
+    async with _open(handle) as first, _open(handle) as second:
+        await first.get_message()
+        await second.get_message()
+        started = trio.current_time()
+        handle.shutdown()
+        codes = []
+        for ws in (first, second):
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason is not None
+            codes.append(closed.value.reason.code)
+        with trio.fail_after(5):
+            await stopped.wait()
+
+    assert codes == [1001, 1001]
+    assert trio.current_time() - started < 3
+    assert all(s.close_code == 1001 for s in upstream.sessions)
+
+
+async def test_path_query_and_base_path_reach_the_upstream(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url + "/base")
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with _open(handle, "/v1/realtime?model=gpt-realtime&x=%2F1"):
+        pass
+
+    assert (
+        upstream.sessions[0].resource == "/base/v1/realtime?model=gpt-realtime&x=%2F1"
+    )
+
+
+async def test_dot_segments_are_refused_with_400(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    with pytest.raises(ConnectionRejected) as refused:
+        async with _open(proxy, "/v1/%2e%2e/admin"):
+            pass
+
+    assert refused.value.status_code == 400
+    assert upstream.sessions == []
+
+
+async def test_authorization_and_openai_beta_reach_the_upstream(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    headers = [
+        (b"authorization", b"Bearer sk-test-1234"),
+        (b"openai-beta", b"realtime=v1"),
+        (b"x-request-id", b"req-42"),
+    ]
+
+    async with _open(proxy, extra_headers=headers):
+        pass
+
+    session = upstream.sessions[0]
+    assert session.header(b"authorization") == [b"Bearer sk-test-1234"]
+    assert session.header(b"openai-beta") == [b"realtime=v1"]
+    assert session.header(b"x-request-id") == [b"req-42"]
+    # The client's own handshake headers are not forwarded beside the relay's.
+    assert session.header(b"upgrade") == [b"websocket"]
+
+
+async def test_upstreams_handshake_reply_headers_reach_the_client(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        headers = ws.handshake_headers
+
+    assert (b"x-upstream-session", b"sess_1") in headers
+    assert (b"openai-version", b"v1") in headers
+
+
+async def test_pings_from_the_client_are_answered(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        with trio.fail_after(1):
+            await ws.ping(b"are you there")
+
+
+async def test_each_session_publishes_one_event(upstream: RealtimeUpstream) -> None:
+    bus = InMemoryEventBus(100)
+    config = ProxyConfig(upstream_url=upstream.url)
+    app = create_app(config, bus)
+    async with bus.subscribe("test") as subscription, trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, app)
+        for _ in range(2):
+            async with open_client(_ws_url(url, "/v1/realtime")) as ws:
+                await ws.get_message()
+        with trio.fail_after(2):
+            events = [*await subscription.receive_batch()]
+            while len(events) < 2:
+                events += await subscription.receive_batch()
+        nursery.cancel_scope.cancel()
+
+    assert len(events) == 2
+    assert {event.path for event in events} == {"/v1/realtime"}
