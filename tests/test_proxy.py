@@ -1133,6 +1133,64 @@ async def test_healthz_is_answered_by_proxy_and_not_recorded(
     assert proxy.handle.bus.statistics().published == 1
 
 
+# --- Forward proxies named by the environment ------------------------------------
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def set_proxy_environment(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    """Clear every proxy variable (either case), then set ``values``."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+async def test_http_proxy_from_environment_carries_upstream_requests(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = RawUpstream(reply(json_response(b'{"via": "upstream"}')))
+    upstream_url = await upstream.start(nursery)
+    # The forward proxy answers itself: what matters is that it was asked.
+    forward_proxy = RawUpstream(reply(json_response(b'{"via": "forward proxy"}')))
+    set_proxy_environment(monkeypatch, HTTP_PROXY=await forward_proxy.start(nursery))
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with open_proxy(nursery, upstream_url) as proxy:
+            response = await raw_exchange(
+                proxy.url, http_request("GET", "/v1/models", [("Host", "p")])
+            )
+
+    assert response.body == b'{"via": "forward proxy"}'
+    asked = forward_proxy.only_request.head
+    assert asked.target == f"{upstream_url}/v1/models".encode()
+    assert upstream.requests == []
+
+
+async def test_no_proxy_host_from_environment_is_reached_directly(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = RawUpstream(reply(json_response(b'{"via": "upstream"}')))
+    upstream_url = await upstream.start(nursery)
+    forward_proxy = RawUpstream(reply(json_response(b'{"via": "forward proxy"}')))
+    set_proxy_environment(
+        monkeypatch,
+        HTTP_PROXY=await forward_proxy.start(nursery),
+        NO_PROXY="example.com,127.0.0.1",
+    )
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with open_proxy(nursery, upstream_url) as proxy:
+            response = await raw_exchange(
+                proxy.url, http_request("GET", "/v1/models", [("Host", "p")])
+            )
+
+    assert response.body == b'{"via": "upstream"}'
+    assert upstream.only_request.head.target == b"/v1/models"
+    assert forward_proxy.requests == []
+
+
 # --- The event's fields ----------------------------------------------------------
 
 

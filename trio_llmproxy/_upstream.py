@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import httpx
+from httpx._utils import get_environment_proxies
 
 from ._errors import ClientError, UpstreamError, UpstreamTimeout
 from ._redact import redact_url
@@ -124,6 +125,39 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def _sharded(max_connections: int, proxy: str | None = None) -> _ShardedTransport:
+    """Up to ``MAX_POOL_SHARDS`` pools sharing ``max_connections``."""
+    count = min(MAX_POOL_SHARDS, max_connections)
+    keep_alive = _split(min(max_connections, 100), count)
+    return _ShardedTransport(
+        [
+            httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=limit, max_keepalive_connections=keep_alive[i]
+                ),
+                proxy=proxy,
+            )
+            for i, limit in enumerate(_split(max_connections, count))
+        ]
+    )
+
+
+def _environment_mounts(
+    max_connections: int,
+) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """The transports a default httpx client would mount for the environment.
+
+    An explicit transport makes httpx ignore ``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``ALL_PROXY`` and ``NO_PROXY``; this reads them with httpx's own helper
+    and mounts a proxied transport for each proxied origin (``None``, for the
+    hosts ``NO_PROXY`` lists, keeps the direct one), as httpx would.
+    """
+    mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+    for pattern, proxy in get_environment_proxies().items():
+        mounts[pattern] = None if proxy is None else _sharded(max_connections, proxy)
+    return mounts
+
+
 def create_upstream_client(
     *, connect_timeout: float, read_timeout: float, max_connections: int
 ) -> httpx.AsyncClient:
@@ -131,18 +165,11 @@ def create_upstream_client(
 
     ``read_timeout`` bounds the wait for the response head and for each chunk
     after it, and the wait to send each chunk of a request body. At most
-    ``max_connections`` are open at once, over several small pools.
+    ``max_connections`` are open at once, over several small pools. Like a
+    default httpx client, it goes through the proxies that ``HTTP_PROXY``,
+    ``HTTPS_PROXY`` and ``ALL_PROXY`` name, except to the hosts ``NO_PROXY``
+    lists.
     """
-    count = min(MAX_POOL_SHARDS, max_connections)
-    keep_alive = _split(min(max_connections, 100), count)
-    shards = [
-        httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=limit, max_keepalive_connections=keep_alive[i]
-            )
-        )
-        for i, limit in enumerate(_split(max_connections, count))
-    ]
     return _UpstreamClient(
         timeout=httpx.Timeout(
             connect=connect_timeout,
@@ -150,7 +177,8 @@ def create_upstream_client(
             write=read_timeout,
             pool=connect_timeout,
         ),
-        transport=_ShardedTransport(shards),
+        transport=_sharded(max_connections),
+        mounts=_environment_mounts(max_connections),
         follow_redirects=False,
     )
 
