@@ -26,10 +26,13 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ._config import (
     ProxyConfig,
+    check_events_feed,
+    check_events_feed_token,
     check_http_url,
     check_metrics_path,
     check_redis_url,
     check_upstream_url,
+    parse_events_feed_address,
     parse_listen_address,
 )
 from ._errors import ConfigError
@@ -75,6 +78,29 @@ class _ListenAddress(click.ParamType[str]):
             _check_can_listen(str(value))
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+class _FeedAddress(click.ParamType[str]):
+    name = "[HOST:]PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            address = parse_events_feed_address(str(value))
+            _check_can_listen(address)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return address
+
+
+class _FeedToken(click.ParamType[str]):
+    name = "TOKEN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            check_events_feed_token(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc).replace("events_feed_token must", "must"), param, ctx)
         return str(value)
 
 
@@ -378,9 +404,29 @@ def cli() -> None:
     help="Path where the proxy itself answers GET with Prometheus metrics "
     "(never forwarded or recorded); '' or 'off' turns them off.",
 )
+@_option(
+    "--events-feed",
+    envvar="EVENTS_FEED_ADDR",
+    type=_FeedAddress(),
+    default=None,
+    show_default="off",
+    help="Serve every event live over a WebSocket on this address, for "
+    "`llm-proxy tail --feed` (a port alone binds 127.0.0.1; never on the "
+    "proxy's own port).",
+)
+@_option(
+    "--events-feed-token",
+    envvar="EVENTS_FEED_TOKEN",
+    type=_FeedToken(),
+    default=None,
+    show_default="none",
+    help="Bearer token the feed's clients must send (at least 16 "
+    "characters); required when the feed is not on loopback.",
+)
 @_log_level_option()
 def server_command(**options: Any) -> None:
     """Run the proxy."""
+    _check_events_feed(options["events_feed"], options["events_feed_token"])
     _setup_logging(options.pop("log_level"))
     config = ProxyConfig(
         listen=options["listen"],
@@ -401,10 +447,23 @@ def server_command(**options: Any) -> None:
         max_concurrent_requests=options["max_concurrent_requests"],
         secret_headers=options["secret_headers"],
         metrics_path=options["metrics_path"],
+        events_feed=options["events_feed"],
+        events_feed_token=options["events_feed_token"],
     )
     if config.file_event_log is not None:
         _check_event_log(config.file_event_log)
     _run_until_signal(partial(serve, config), ServerHandle.shutdown)
+
+
+def _check_events_feed(address: str | None, token: str | None) -> None:
+    try:
+        check_events_feed(address, token)
+    except ConfigError as exc:
+        msg = str(exc).replace(
+            "set events_feed_token", f"set {_hint('events_feed_token')}"
+        )
+        msg = msg.replace(f"events_feed {address!r}", repr(address))
+        raise click.BadParameter(msg, param_hint=_hint("events_feed")) from exc
 
 
 def _check_event_log(path: Path, option: str = "file_event_log") -> None:
@@ -654,6 +713,203 @@ async def _serve_dispatcher(
             sink.name,
         )
         await serve_dispatcher(config, sink, stopping=stopping)
+
+
+class _StatusFilter(click.ParamType[str]):
+    name = "STATUS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        from ._tail import parse_status
+
+        try:
+            return parse_status(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _FeedUrl(click.ParamType[str]):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        from ._tail import FeedSource
+
+        try:
+            FeedSource(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+@cli.command("tail")
+@_option(
+    "--feed",
+    envvar="TAIL_FEED_URL",
+    type=_FeedUrl(),
+    default=None,
+    show_default="none",
+    help="A running server's events feed (server --events-feed), such as "
+    "ws://127.0.0.1:8181/.",
+)
+@_option(
+    "--token",
+    envvar="EVENTS_FEED_TOKEN",
+    type=_FeedToken(),
+    default=None,
+    show_default="none",
+    help="Bearer token the events feed asks for.",
+)
+@_option(
+    "--redis-url",
+    envvar="REDIS_URL",
+    type=REDIS_URL,
+    default=None,
+    show_default="none",
+    help="Read the shared bus's Redis stream instead of a feed (without a "
+    "consumer group: dispatchers lose nothing).",
+)
+@_option(
+    "--redis-stream",
+    envvar="REDIS_STREAM",
+    default="llm-proxy-events",
+    help="Redis stream to read.",
+)
+@_option(
+    "--json",
+    "json_output",
+    envvar="TAIL_JSON",
+    is_flag=True,
+    default=False,
+    help="Print each event's JSON object, one per line, instead of a summary.",
+)
+@_option(
+    "--path",
+    "paths",
+    envvar="TAIL_PATH",
+    multiple=True,
+    default=(),
+    show_default="all",
+    help="Show only paths starting with this prefix, or matching this glob "
+    "(with * ? or [, whole path; * matches / too). Repeatable.",
+)
+@_option(
+    "--status",
+    "statuses",
+    envvar="TAIL_STATUS",
+    type=_StatusFilter(),
+    multiple=True,
+    default=(),
+    show_default="all",
+    help="Show only this status code (404) or class (4xx). Repeatable.",
+)
+@_option(
+    "--outcome",
+    "outcomes",
+    envvar="TAIL_OUTCOME",
+    type=click.Choice(
+        ["ok", "client_disconnected", "upstream_error", "upstream_timeout"]
+    ),
+    multiple=True,
+    default=(),
+    show_default="all",
+    help="Show only events with this outcome. Repeatable.",
+)
+@_option(
+    "--reconnect-for",
+    envvar="TAIL_RECONNECT_FOR",
+    type=NON_NEGATIVE_SECONDS,
+    default=60.0,
+    help="Seconds to keep reconnecting when the source goes away, then exit "
+    "1; 0 exits at once.",
+)
+def tail_command(**options: Any) -> None:
+    """Show events as they happen, one line each."""
+    from ._tail import EventFilter, Printer, choose_source
+
+    ctx = click.get_current_context()
+    feed, redis_url = _tail_sources(ctx, options["feed"], options["redis_url"])
+    source = choose_source(feed, options["token"], redis_url, options["redis_stream"])
+    printer = Printer(
+        EventFilter(
+            paths=options["paths"],
+            statuses=options["statuses"],
+            outcomes=options["outcomes"],
+        ),
+        json_output=options["json_output"],
+        write=_write_line,
+        warn=_warn,
+    )
+    _run_tail(source, printer, options["reconnect_for"])
+
+
+def _tail_sources(
+    ctx: click.Context, feed: str | None, redis_url: str | None
+) -> tuple[str | None, str | None]:
+    """Keep exactly one source; a flag beats a variable, as for every option."""
+
+    def level(name: str, value: object) -> int:
+        source = ctx.get_parameter_source(name)
+        if source == ParameterSource.COMMANDLINE:
+            return 2
+        return 1 if value is not None else 0
+
+    feed_level, redis_level = level("feed", feed), level("redis_url", redis_url)
+    if feed_level and feed_level == redis_level:
+        where = "flags" if feed_level == 2 else "variables"
+        msg = (
+            f"--feed and --redis-url are two sources ({where}); give one: "
+            "a server's events feed, or the Redis stream"
+        )
+        raise click.UsageError(msg)
+    if feed_level > redis_level:
+        return feed, None
+    if redis_level:
+        return None, redis_url
+    if os.environ.get("REDIS_ADDR"):
+        return None, _redis_url_default()
+    return None, None
+
+
+def _write_line(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def _warn(message: str) -> None:
+    click.echo(f"llm-proxy tail: {message}", err=True)
+
+
+def _run_tail(source: Any, printer: Any, reconnect_seconds: float) -> None:
+    """Follow ``source`` until SIGINT or SIGTERM (exit 0) or a failure (exit 1)."""
+    from ._tail import TailError, follow
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+                await follow(
+                    source, printer, _warn, reconnect_seconds=reconnect_seconds
+                )
+
+    try:
+        trio.run(main)
+    except* TailError as group:
+        click.echo(f"llm-proxy: error: {group.exceptions[0]}", err=True)
+        sys.exit(1)
+    except* BrokenPipeError:
+        # The reader of our output left (`tail | head`): nothing to say.
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit; a closed pipe would raise there again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(message: str) -> NoReturn:

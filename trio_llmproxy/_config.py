@@ -8,7 +8,9 @@ the rule it broke.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -67,6 +69,9 @@ def check_http_url(value: str, *, what: str = "URL") -> str:
 
 
 DEFAULT_STREAM: Final = "llm-proxy-events"
+# A bearer token shorter than this is too easy to guess for a feed that
+# carries every prompt and answer.
+MIN_EVENTS_FEED_TOKEN_CHARS: Final = 16
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
@@ -193,6 +198,81 @@ def _metrics_path(instance: Any, attribute: attrs.Attribute[str], value: str) ->
     check_metrics_path(value)
 
 
+def parse_events_feed_address(value: str) -> str:
+    """Return the events feed's ``HOST:PORT``; a bare port means 127.0.0.1.
+
+    Raises:
+        ConfigError: the address is neither a port nor ``HOST:PORT``.
+    """
+    text = value.strip()
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    parse_listen_address(text)
+    return text
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only reaches this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_events_feed_token(token: str) -> None:
+    """Check that ``token`` can protect the events feed.
+
+    Raises:
+        ConfigError: it is too short, or holds characters that cannot travel
+            in an ``Authorization`` header (the message never shows it).
+    """
+    if len(token) < MIN_EVENTS_FEED_TOKEN_CHARS:
+        msg = (
+            f"events_feed_token must be at least {MIN_EVENTS_FEED_TOKEN_CHARS} "
+            f"characters, got {len(token)}"
+        )
+        raise ConfigError(msg)
+    allowed = set(string.ascii_letters + string.digits + string.punctuation)
+    if not set(token) <= allowed:
+        msg = "events_feed_token must hold only printable ASCII without spaces"
+        raise ConfigError(msg)
+
+
+def check_events_feed(address: str | None, token: str | None) -> None:
+    """Refuse an events feed bound beyond loopback without a token.
+
+    Raises:
+        ConfigError: ``address`` is not a loopback address and ``token`` is
+            ``None``.
+    """
+    if address is None or token is not None:
+        return
+    host, _ = parse_listen_address(address)
+    if not is_loopback_host(host):
+        msg = (
+            f"events_feed {address!r} is not a loopback address: set "
+            "events_feed_token too, or bind the feed to 127.0.0.1"
+        )
+        raise ConfigError(msg)
+
+
+def _optional_feed_address(value: str | None) -> str | None:
+    return None if value is None or value == "" else parse_events_feed_address(value)
+
+
+def _optional_token(value: str | None) -> str | None:
+    return None if value is None or value == "" else value
+
+
+def _feed_token(
+    instance: Any, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if value is not None:
+        check_events_feed_token(value)
+
+
 def _optional_path(value: str | Path | None) -> Path | None:
     return None if value is None or value == "" else Path(value)
 
@@ -239,6 +319,18 @@ class ProxyConfig:
     max_concurrent_requests: int = attrs.field(default=1000, validator=positive)
     # Where the proxy answers GET with Prometheus metrics; "" turns it off.
     metrics_path: str = attrs.field(default="/metrics", validator=_metrics_path)
+    # The live events feed for ``tail`` (``HOST:PORT``; None turns it off),
+    # and the bearer token its clients must send. The token is kept out of
+    # the repr, so it never reaches a log line.
+    events_feed: str | None = attrs.field(
+        default=None, converter=_optional_feed_address
+    )
+    events_feed_token: str | None = attrs.field(
+        default=None, converter=_optional_token, validator=_feed_token, repr=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        check_events_feed(self.events_feed, self.events_feed_token)
 
     @property
     def listen_host(self) -> str:

@@ -1,0 +1,294 @@
+"""The live events feed: every event, as it is published, over a WebSocket.
+
+``llm-proxy tail --feed`` reads it. The feed has a listener of its own, apart
+from the proxy's port, so it is never forwarded upstream nor recorded as an
+event. Each message is one event's JSON object, byte for byte what
+:meth:`Event.to_json` returns, in a text frame. When a client has lost events
+because it read too slowly, it gets a notice before the next event::
+
+    {"events_feed_notice": "dropped", "dropped": 12, "total_dropped": 40}
+
+``dropped`` counts the events lost since the last notice and
+``total_dropped`` those lost since the client connected. No event has an
+``events_feed_notice`` field.
+
+Each connected client is one more subscriber of the in-process bus, with
+the bus's buffer (``--buffer-size`` events, and a cap on the bytes of bodies
+waiting) like any other subscriber. Its task renders the events in a worker
+thread (as the sinks do) and sends them. A client that reads slowly fills
+only its own buffer and loses only its own events, counted by the bus: the
+request path and the other subscribers never wait for it.
+
+Access: a client that sends an ``Origin`` header (every browser does) is
+refused with 403, so that a web page cannot read the feed of an operator's
+machine; a feed with a token refuses a client without
+``Authorization: Bearer <token>`` with 401, and one with a wrong token with
+403, before any event is sent.
+
+Stopping: :meth:`EventsFeed.stop` stops accepting clients at once; each
+client then receives what its subscription still delivers (everything
+published before the bus was closed) and is closed with code 1001 (going
+away), within :data:`CLOSE_GRACE_SECONDS`. Clients are not sinks: what they
+have not received by then is not counted as lost by the drain.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Final
+
+import attrs
+import orjson
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+    serve_websocket,
+)
+
+from ._bus import EventBus, Subscription
+from ._config import check_events_feed, parse_events_feed_address
+from ._event import Event
+
+#: Events rendered and sent together.
+SEND_BATCH_EVENTS: Final = 16
+#: How long clients get, once the feed stops, to receive what is left.
+CLOSE_GRACE_SECONDS: Final = 1.0
+#: The closing handshake with one client, after the grace period.
+CLOSE_HANDSHAKE_SECONDS: Final = 0.5
+#: A client must finish its opening handshake within this.
+HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
+#: Clients send nothing but control frames; anything bigger is refused.
+MAX_CLIENT_MESSAGE_BYTES: Final = 4096
+#: WebSocket close code "going away": the server is shutting down.
+GOING_AWAY: Final = 1001
+SUBSCRIBER_PREFIX: Final = "events-feed-"
+
+logger = logging.getLogger(__name__)
+
+
+def _render(events: Sequence[Event]) -> list[str]:
+    # Event.to_json decodes bodies and parses the llm object: a worker
+    # thread's job, never the event loop's.
+    return [event.to_json().decode("utf-8") for event in events]
+
+
+def _notice(dropped: int, total: int) -> str:
+    notice = {"events_feed_notice": "dropped", "dropped": dropped}
+    notice["total_dropped"] = total
+    return orjson.dumps(notice).decode("ascii")
+
+
+def _address_of(server: WebSocketServer) -> str:
+    # One listener: a numeric host (or localhost, resolved) binds one socket.
+    endpoint = server.listeners[0]
+    if not isinstance(endpoint, Endpoint):
+        return str(endpoint)
+    return f"{endpoint.url}/"
+
+
+def _peer(remote: Endpoint | str) -> str:
+    if isinstance(remote, Endpoint):
+        return f"{remote.address}:{remote.port}"
+    return remote
+
+
+def _header(request: WebSocketRequest, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _refusal(request: WebSocketRequest, token: bytes | None) -> tuple[int, str] | None:
+    """The status and reason to refuse ``request`` with, or None to accept it."""
+    if request.path.split("?", 1)[0] != "/":
+        return 404, "the events feed is at /"
+    if _header(request, b"origin") is not None:
+        return 403, "browsers may not read the events feed"
+    if token is None:
+        return None
+    authorization = _header(request, b"authorization")
+    if authorization is None:
+        return 401, "the events feed needs a bearer token"
+    scheme, _, given = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
+        return 403, "wrong token for the events feed"
+    return None
+
+
+@attrs.define(eq=False)
+class _Client:
+    """One connected tail: its bus subscription and what it lost."""
+
+    connection: WebSocketConnection
+    name: str
+    sent: int = 0
+    dropped: int = 0
+
+    async def serve(self, bus: EventBus) -> None:
+        """Send every event of ``bus`` until it closes or the client leaves."""
+        async with (
+            bus.subscribe(self.name, batch_size=SEND_BATCH_EVENTS) as subscription,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._watch_client, nursery.cancel_scope)
+            try:
+                await self._send_all(subscription, bus)
+            except ConnectionClosed:
+                pass  # the client left while an event was on its way
+            nursery.cancel_scope.cancel()
+
+    async def _watch_client(self, scope: trio.CancelScope) -> None:
+        # Reading is how a closed or vanished client is noticed while no
+        # event is due; a client has nothing to say, so messages are ignored.
+        try:
+            while True:
+                await self.connection.get_message()
+        except ConnectionClosed:
+            scope.cancel()
+
+    async def _send_all(self, subscription: Subscription, bus: EventBus) -> None:
+        async for batch in subscription:
+            for message in await trio.to_thread.run_sync(_render, batch):
+                await self.connection.send_message(message)
+            self.sent += len(batch)
+            await self._report_drops(bus)
+
+    async def _report_drops(self, bus: EventBus) -> None:
+        # The bus counts what this subscriber lost while its buffer was full.
+        stats = bus.statistics().subscribers.get(self.name)
+        total = stats.dropped if stats is not None else 0
+        if total > self.dropped:
+            notice = _notice(total - self.dropped, total)
+            self.dropped = total
+            await self.connection.send_message(notice)
+
+
+@attrs.define(eq=False)
+class _NamePool:
+    """Subscriber names, the lowest free number first.
+
+    Reusing names keeps the bus's per-subscriber statistics (and the metrics
+    labels made from them) as many as the most clients ever connected at
+    once, not as many as ever connected.
+    """
+
+    _taken: set[int] = attrs.Factory(set)
+
+    def take(self) -> int:
+        number = next(n for n in itertools.count(1) if n not in self._taken)
+        self._taken.add(number)
+        return number
+
+    def give_back(self, number: int) -> None:
+        self._taken.discard(number)
+
+
+@attrs.define(eq=False)
+class EventsFeed:
+    """A WebSocket server that sends every event of a bus to its clients.
+
+    Start it with ``address = await nursery.start(feed.serve, bus)``; it
+    reports its address as ``ws://HOST:PORT/`` (with the bound port when
+    ``listen`` asks for port 0) and runs until :meth:`stop` or cancellation.
+
+    Args:
+        listen: ``HOST:PORT``, or a port alone for 127.0.0.1.
+        token: the bearer token clients must send; required when ``listen``
+            is not a loopback address.
+
+    Raises:
+        ConfigError: ``listen`` is malformed, or it is not loopback and no
+            token is given.
+    """
+
+    listen: str = attrs.field(converter=parse_events_feed_address)
+    _token: str | None = attrs.field(default=None, repr=False, alias="token")
+    _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _names: _NamePool = attrs.field(factory=_NamePool, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        check_events_feed(self.listen, self._token)
+
+    def stop(self) -> None:
+        """Stop accepting clients; the connected ones finish, then close."""
+        self._stopping.set()
+
+    async def serve(
+        self,
+        bus: EventBus,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the feed of ``bus`` until stopped or cancelled.
+
+        Once stopped it returns within :data:`CLOSE_GRACE_SECONDS` and the
+        closing handshakes; clients still connected then are closed with 1001.
+        """
+        host, port = self.listen.rsplit(":", 1)
+        host = host.removeprefix("[").removesuffix("]")
+        if host.lower() == "localhost":
+            # One socket, so one port even for port 0 (not ::1 and 127.0.0.1).
+            host = "127.0.0.1"
+        handler = partial(self._handle, bus)
+        async with trio.open_nursery() as clients:
+            listener = trio.CancelScope()
+
+            async def listen(*, task_status: trio.TaskStatus[object]) -> None:
+                with listener:
+                    await serve_websocket(
+                        handler,
+                        host,
+                        int(port),
+                        None,
+                        handler_nursery=clients,
+                        max_message_size=MAX_CLIENT_MESSAGE_BYTES,
+                        connect_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+                        disconnect_timeout=CLOSE_HANDSHAKE_SECONDS,
+                        task_status=task_status,
+                    )
+
+            server: WebSocketServer = await clients.start(listen)
+            address = _address_of(server)
+            logger.info("events feed on %s", address)
+            task_status.started(address)
+            await self._stopping.wait()
+            listener.cancel()
+            clients.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+
+    async def _handle(self, bus: EventBus, request: WebSocketRequest) -> None:
+        token = None if self._token is None else self._token.encode()
+        refusal = _refusal(request, token)
+        if refusal is not None:
+            status, reason = refusal
+            logger.info("events feed: refused %s: %s", _peer(request.remote), reason)
+            await request.reject(status, body=reason.encode())
+            return
+        connection = await request.accept()
+        peer = _peer(connection.remote)
+        number = self._names.take()
+        client = _Client(connection, f"{SUBSCRIBER_PREFIX}{number}")
+        logger.info("events feed: %s connected", peer)
+        try:
+            await client.serve(bus)
+        finally:
+            self._names.give_back(number)
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(CLOSE_HANDSHAKE_SECONDS),
+            ):
+                await connection.aclose(GOING_AWAY, "the proxy is shutting down")
+            logger.info(
+                "events feed: %s left (%d event(s) sent, %d dropped)",
+                peer,
+                client.sent,
+                client.dropped,
+            )
