@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 from trio_llmproxy import Event, ProxyError
+from trio_llmproxy._event import WebSocketMessage, WebSocketSession, WebSocketSide
 
 SSE_TEXT = 'data: {"content": "héllo"}\n\ndata: [DONE]\n\n'
 
@@ -253,3 +254,95 @@ def test_extra_fields_cannot_replace_fixed_ones() -> None:
     event = make_event(extra={"status": 999})
 
     assert event.to_dict()["status"] == 200
+
+
+# WebSocket sessions.
+
+
+def websocket_event(**overrides: Any) -> Event:
+    session = WebSocketSession(
+        subprotocol="realtime",
+        closed_by="client",
+        client=WebSocketSide(messages=2, bytes=9, close_code=1000, close_reason="bye"),
+        upstream=WebSocketSide(messages=1, bytes=3),
+        messages=[
+            WebSocketMessage(True, 1.5, "héllo", 6),
+            WebSocketMessage(False, 2.25, b"\x00\xff\x01", 3),
+            WebSocketMessage(True, 3.0, "abc", 3),
+        ],
+    )
+    fields: dict[str, Any] = {
+        "method": "WEBSOCKET",
+        "path": "/v1/realtime",
+        "status": 101,
+        "request_body": b"",
+        "request_body_size": 0,
+        "response_headers": [],
+        "response_body": b"",
+        "response_body_size": 0,
+        "websocket": session,
+    }
+    fields.update(overrides)
+    return make_event(**fields)
+
+
+def test_websocket_session_renders_as_its_own_object() -> None:
+    rendered = websocket_event().to_dict()
+
+    assert rendered["websocket"] == {
+        "subprotocol": "realtime",
+        "closed_by": "client",
+        "client": {
+            "messages": 2,
+            "bytes": 9,
+            "close_code": 1000,
+            "close_reason": "bye",
+        },
+        "upstream": {
+            "messages": 1,
+            "bytes": 3,
+            "close_code": None,
+            "close_reason": None,
+        },
+        "messages": [
+            {
+                "from": "client",
+                "at_ms": 1.5,
+                "type": "text",
+                "data": "héllo",
+                "size": 6,
+            },
+            {
+                "from": "upstream",
+                "at_ms": 2.25,
+                "type": "binary",
+                "data": base64.b64encode(b"\x00\xff\x01").decode(),
+                "size": 3,
+            },
+            {"from": "client", "at_ms": 3.0, "type": "text", "data": "abc", "size": 3},
+        ],
+        "messages_truncated": False,
+    }
+    assert (rendered["request_body"], rendered["response_body"]) == (None, None)
+
+
+def test_websocket_event_round_trips_to_an_equal_event() -> None:
+    event = websocket_event()
+
+    again = Event.from_json(event.to_json())
+
+    assert again == event
+    assert again.to_json() == event.to_json()
+
+
+def test_http_event_json_has_no_websocket_key() -> None:
+    rendered = make_event().to_dict()
+
+    assert "websocket" not in rendered
+    assert Event.from_dict(rendered).websocket is None
+
+
+def test_extra_field_cannot_pose_as_a_websocket_object() -> None:
+    event = make_event(extra={"websocket": {"closed_by": "nobody"}})
+
+    assert "websocket" not in event.to_dict()

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import trio
 from conftest import serve_asgi
+from docs_examples import example
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -797,3 +798,27 @@ def test_http_event_has_no_websocket_object() -> None:
 
     assert "websocket" not in event.to_dict()
     assert Event.from_json(event.to_json()).websocket is None
+
+
+async def test_events_doc_example_has_the_fields_of_a_real_session(
+    nursery: trio.Nursery,
+) -> None:
+    documented = orjson.loads(example("websocket-event").source)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with serve_recorded(nursery, realtime) as served:
+            async with served.connect("/v1/realtime") as ws:
+                for _ in range(2):
+                    await ws.send_message('{"type": "response.create"}')
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+            real = as_json(await served.next_event())
+
+    assert list(documented) == list(real)
+    assert list(documented["llm"]) == list(real["llm"])
+    assert list(documented["websocket"]) == list(real["websocket"])
+    assert list(documented["websocket"]["client"]) == list(real["websocket"]["client"])
+    assert list(documented["websocket"]["messages"][0]) == list(
+        real["websocket"]["messages"][0]
+    )
