@@ -12,7 +12,11 @@ Test commands, as JSON events:
   (binary messages are always echoed);
 - ``{"type": "test.close", "code": 1011, "reason": "..."}``: the upstream
   closes the session with that code and reason;
-- ``{"type": "test.binary", "size": N}``: one binary frame of N bytes.
+- ``{"type": "test.binary", "size": N}``: one binary frame of N bytes;
+- ``{"type": "test.ping"}``: the upstream pings its peer and, once the pong
+  is back, sends ``{"type": "test.pong"}``;
+- ``{"type": "test.drop"}``: the upstream drops the TCP connection without a
+  close frame.
 
 A handshake whose query has ``refuse=STATUS`` is refused with that status,
 an ``x-refusal`` header and an OpenAI-style JSON error body. Every session
@@ -143,6 +147,13 @@ async def _answer(ws: WebSocketConnection, message: str | bytes) -> None:
         await ws.aclose(event["code"], event.get("reason"))
     elif kind == "test.binary":
         await ws.send_message(bytes(i % 251 for i in range(event["size"])))
+    elif kind == "test.ping":
+        with trio.fail_after(2):
+            await ws.ping(b"upstream ping")
+        await _send_json(ws, {"type": "test.pong"})
+    elif kind == "test.drop":
+        # trio-websocket has no public way to drop a connection abruptly.
+        await ws._stream.aclose()
     elif kind == "session.update":
         await _send_json(ws, {"type": "session.updated", "session": event["session"]})
     elif kind == "response.create":

@@ -181,6 +181,33 @@ async def test_unreachable_upstream_gives_502_with_a_json_error(
     assert error["code"] == "upstream_unreachable"
 
 
+async def test_silent_upstream_gives_504_after_the_connect_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    # The kernel completes the TCP connection; nothing ever answers it.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    config = ProxyConfig(
+        listen="127.0.0.1:0",
+        upstream_url=f"http://127.0.0.1:{port}",
+        connect_timeout=0.5,
+    )
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+    started = trio.current_time()
+
+    try:
+        with pytest.raises(ConnectionRejected) as refused:
+            async with _open(handle):
+                pass
+    finally:
+        await listeners[0].aclose()
+
+    assert refused.value.status_code == 504
+    assert refused.value.body is not None
+    assert orjson.loads(refused.value.body)["error"]["code"] == "upstream_timeout"
+    assert trio.current_time() - started < 2
+
+
 async def test_client_closing_closes_the_upstream_within_a_second(
     upstream: RealtimeUpstream, proxy: ServerHandle
 ) -> None:
@@ -318,6 +345,54 @@ async def test_upstreams_handshake_reply_headers_reach_the_client(
     assert (b"openai-version", b"v1") in headers
 
 
+async def test_upstream_dropping_the_connection_gives_the_client_1011(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await _send_json(ws, {"type": "test.drop"})
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1011
+    assert closed.value.reason.reason == "the upstream connection was lost"
+
+
+async def test_refusal_without_the_response_extension_is_a_close_with_reason(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    app = create_app(ProxyConfig(upstream_url=upstream.url), InMemoryEventBus(10))
+
+    async def without_extension(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            scope = {**scope, "extensions": {}}
+        await app(scope, receive, send)
+
+    url = await serve_asgi(nursery, without_extension)
+
+    async with open_client(_ws_url(url, "/v1/realtime?refuse=401")) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1008
+    assert closed.value.reason.reason == (
+        "the upstream refused the WebSocket handshake with status 401"
+    )
+
+
+async def test_pings_from_the_upstream_are_answered(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with _open(proxy) as ws:
+        await ws.get_message()
+        await _send_json(ws, {"type": "test.ping"})
+        pong = _json(await ws.get_message())
+
+    assert pong == {"type": "test.pong"}
+
+
 async def test_pings_from_the_client_are_answered(
     upstream: RealtimeUpstream, proxy: ServerHandle
 ) -> None:
@@ -342,4 +417,7 @@ async def test_each_session_publishes_one_event(upstream: RealtimeUpstream) -> N
         nursery.cancel_scope.cancel()
 
     assert len(events) == 2
-    assert {event.path for event in events} == {"/v1/realtime"}
+    assert [(event.method, event.path) for event in events] == [
+        ("WEBSOCKET", "/v1/realtime"),
+        ("WEBSOCKET", "/v1/realtime"),
+    ]

@@ -184,6 +184,7 @@ class _Handshake:
     settled: trio.Event = attrs.field(factory=trio.Event)
     opened: bool = False
     refusal: ConnectionRejected | None = None
+    timed_out: bool = False
 
 
 async def _read_upstream(
@@ -275,14 +276,14 @@ class WebSocketRelay:
             await self._pass_refusal(scope, send, handshake.refusal)
         elif not handshake.opened:
             where = redact_url(self._upstream_url)
-            if handshake.settled.is_set():
+            if handshake.timed_out:
+                error: UpstreamError = UpstreamTimeout(
+                    f"timed out opening a WebSocket session with the upstream {where}"
+                )
+            else:
                 error = UpstreamError(
                     f"the upstream {where} closed the connection during the "
                     "WebSocket handshake"
-                )
-            else:
-                error = UpstreamTimeout(
-                    f"timed out opening a WebSocket session with the upstream {where}"
                 )
             await self._fail_handshake(scope, send, error)
 
@@ -353,6 +354,7 @@ class WebSocketRelay:
             nursery.start_soon(_wait_open, connection, handshake)
             with trio.move_on_at(deadline):
                 await handshake.settled.wait()
+            handshake.timed_out = not handshake.settled.is_set()
             if handshake.opened:
                 await send(
                     {
