@@ -445,6 +445,57 @@ async def test_upstream_closing_with_1011_is_upstream_error(
     assert event.websocket.upstream.close_reason == "model crashed"
 
 
+async def test_app_ending_without_a_close_is_upstream_error(
+    nursery: trio.Nursery,
+) -> None:
+    async def session(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with serve_recorded(nursery, session) as served:
+            async with served.connect("/ws") as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+            event = await served.next_event()
+
+    # Hypercorn closes such a session with 1011 for the app.
+    assert closed.value.reason is not None and closed.value.reason.code == 1011
+    assert event.outcome == "upstream_error"
+    assert event.error == "the app ended the session without closing it"
+
+
+async def test_app_close_after_the_client_left_is_not_recorded() -> None:
+    bus = InMemoryEventBus()
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.disconnect"},
+    ]
+
+    async def session(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+        await send({"type": "websocket.close", "code": 1011})
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    async with bus.subscribe("test") as subscription:
+        await InstrumentationMiddleware(websocket_app(session), bus)(
+            {"type": "websocket", "path": "/ws", "headers": []}, receive, send
+        )
+        [event] = await subscription.receive_batch()
+
+    assert event.websocket is not None
+    assert event.websocket.client.close_code == 1005
+    assert event.websocket.upstream.close_code is None
+    assert event.outcome == "client_disconnected"
+
+
 async def test_note_outcome_sets_the_session_outcome(nursery: trio.Nursery) -> None:
     async def session(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
@@ -487,7 +538,7 @@ async def test_session_cancelled_by_the_server_is_recorded_as_shut_down(
 
     assert event.status == 101
     assert (event.outcome, event.error) == (
-        "ok",
+        "upstream_error",
         "cancelled: the proxy is shutting down",
     )
     assert event.websocket is not None and event.websocket.closed_by is None

@@ -272,7 +272,10 @@ class _Session:
             return
         code = message.get("code")
         reason = message.get("reason")
-        side.close_code = code if isinstance(code, int) else 1000
+        # ASGI's defaults: 1005 (no code received) from the client, 1000 for
+        # the app's own close.
+        default = 1005 if from_client else 1000
+        side.close_code = code if isinstance(code, int) else default
         side.close_reason = reason if isinstance(reason, str) and reason else None
         if self.closed_by is None:
             self.closed_by = "client" if from_client else "upstream"
@@ -454,7 +457,8 @@ class InstrumentationMiddleware:
                 data = message.get("bytes")
                 session.add(False, message.get("text") if data is None else data)
             elif kind == "websocket.close":
-                if session.accepted:
+                if session.accepted and not recorder.disconnected:
+                    # After the client left, the server drops the app's close.
                     session.close(False, message)
                 elif not recorder.status:
                     # Before the accept, Hypercorn refuses the handshake for it.
@@ -484,7 +488,7 @@ class InstrumentationMiddleware:
             await self._app(scope, recording_receive, recording_send)
         except BaseException as exc:
             if _is_cancellation(exc):
-                recorder.note(*self._cancelled_session_outcome(recorder))
+                recorder.note(*self._cancelled_outcome(recorder))
             else:
                 recorder.note("upstream_error", _describe(exc))
             raise
@@ -509,14 +513,6 @@ class InstrumentationMiddleware:
             subprotocol = message.get("subprotocol")
             session.subprotocol = subprotocol if isinstance(subprotocol, str) else None
         return {**message, "headers": headers}
-
-    @staticmethod
-    def _cancelled_session_outcome(recorder: Recorder) -> tuple[str, str]:
-        if recorder.disconnected:
-            return "client_disconnected", "client closed the connection"
-        # A session has no natural end to be cut short of: one ended by the
-        # proxy's shutdown is not a failure of the upstream.
-        return "ok", "cancelled: the proxy is shutting down"
 
     def _start(self, scope: Scope) -> tuple[Recorder, Scope]:
         headers = scope["headers"]
