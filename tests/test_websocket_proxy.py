@@ -31,6 +31,7 @@ from trio_websocket import (
 from ws_client import open_client
 
 from trio_llmproxy import InMemoryEventBus, ProxyConfig, ServerHandle, create_app, serve
+from trio_llmproxy._mock_upstream import MockUpstreamSettings, create_mock_upstream_app
 
 HANG_GUARD_SECONDS = 10
 ONE_MEGABYTE = 1024 * 1024
@@ -123,17 +124,18 @@ async def test_one_megabyte_binary_frame_passes_both_ways(
     assert generated == bytes(i % 251 for i in range(ONE_MEGABYTE))
 
 
-async def test_sixteen_mebibyte_message_passes_from_the_upstream(
+async def test_sixteen_mebibyte_message_passes_both_ways(
     upstream: RealtimeUpstream, proxy: ServerHandle
 ) -> None:
-    size = 16 * ONE_MEGABYTE
+    # Hypercorn's and the relay's limit, exactly.
+    message = b"\x5a" * (16 * ONE_MEGABYTE)
 
     async with _open(proxy) as ws:
         await ws.get_message()
-        await _send_json(ws, {"type": "test.binary", "size": size})
-        generated = await ws.get_message()
+        await ws.send_message(message)
+        echoed = await ws.get_message()
 
-    assert len(generated) == size
+    assert echoed == message
 
 
 async def test_upstream_picks_one_of_the_offered_subprotocols(
@@ -399,6 +401,28 @@ async def test_pings_from_the_client_are_answered(
     async with _open(proxy) as ws:
         with trio.fail_after(1):
             await ws.ping(b"are you there")
+
+
+async def test_mock_upstream_serves_a_realtime_session_through_the_proxy(
+    nursery: trio.Nursery,
+) -> None:
+    mock = create_mock_upstream_app(MockUpstreamSettings())
+    config = ProxyConfig(
+        listen="127.0.0.1:0", upstream_url=await serve_asgi(nursery, mock)
+    )
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with _open(handle, "/v1/realtime", subprotocols=["realtime"]) as ws:
+        created = _json(await ws.get_message())
+        await _send_json(ws, {"type": "response.create"})
+        events = [_json(await ws.get_message()) for _ in range(11)]
+
+    assert created["type"] == "session.created"
+    assert ws.subprotocol == "realtime"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    assert text == "The quick brown fox jumps over the lazy dog. "
+    assert events[-1]["type"] == "response.done"
+    assert events[-1]["response"]["usage"]["output_tokens"] == 9
 
 
 async def test_each_session_publishes_one_event(upstream: RealtimeUpstream) -> None:

@@ -10,6 +10,11 @@ embeddings come from a hash of each input. Request headers tune one request:
 ``X-Mock-Chunk-Count``, ``X-Mock-Chunk-Size`` and ``X-Mock-Chunk-Delay-Ms`` override
 the settings, ``X-Mock-Status: NNN`` forces an error status on any endpoint, and
 ``X-Request-ID`` is echoed back.
+
+A WebSocket session at ``/v1/realtime`` plays a small part of the Realtime API:
+``session.created`` on connect, ``session.updated`` for ``session.update``, and
+for ``response.create`` the text in ``response.text.delta`` events, then a
+``response.done`` with usage.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
 
 _Number = TypeVar("_Number", int, float)
+
+REALTIME_PATH = "/v1/realtime"
+REALTIME_SUBPROTOCOL = "realtime"
+# Words sent per response of a Realtime session.
+REALTIME_WORD_COUNT = 9
 
 # Bounds that keep one request from asking the mock for gigabytes of output.
 MAX_CHUNK_COUNT = 1_000_000
@@ -389,6 +399,10 @@ async def _cancel_on_disconnect(
     cancel_scope.cancel()
 
 
+async def _send_event(send: ASGISend, event: Mapping[str, object]) -> None:
+    await send({"type": "websocket.send", "text": orjson.dumps(event).decode()})
+
+
 async def _serve_lifespan(receive: ASGIReceive, send: ASGISend) -> None:
     while True:
         message = await receive()
@@ -467,11 +481,66 @@ class _MockUpstreamApp:
     async def __call__(
         self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
     ) -> None:
-        # Websocket connections are refused by returning without accepting them.
         if scope["type"] == "http":
             await self._serve_http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._serve_realtime(scope, receive, send)
         elif scope["type"] == "lifespan":
             await _serve_lifespan(receive, send)
+
+    async def _serve_realtime(
+        self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if scope["path"] != REALTIME_PATH:
+            # Closing before the accept refuses the handshake (403).
+            await send({"type": "websocket.close"})
+            return
+        offered = cast("list[str]", scope.get("subprotocols") or [])
+        chosen = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
+        await send({"type": "websocket.accept", "subprotocol": chosen})
+        session = {"id": "sess_mock", "object": "realtime.session"}
+        await _send_event(send, {"type": "session.created", "session": session})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if isinstance(text, str):
+                # Binary messages (input audio, say) are taken and not answered.
+                await self._realtime_event(send, text)
+
+    async def _realtime_event(self, send: ASGISend, text: str) -> None:
+        try:
+            event = orjson.loads(text)
+            kind = event.get("type") if isinstance(event, dict) else None
+        except orjson.JSONDecodeError:
+            kind = None
+        if kind == "session.update":
+            await _send_event(send, {**event, "type": "session.updated"})
+        elif kind == "response.create":
+            words = SENTENCE.split()[:REALTIME_WORD_COUNT]
+            response = {"id": "resp_mock", "object": "realtime.response"}
+            await _send_event(send, {"type": "response.created", "response": response})
+            for word in words:
+                delta = {"type": "response.text.delta", "delta": word + " "}
+                await _send_event(send, delta)
+            usage = {
+                "total_tokens": REALTIME_WORD_COUNT + 5,
+                "input_tokens": 5,
+                "output_tokens": REALTIME_WORD_COUNT,
+                "input_token_details": {"text_tokens": 5, "audio_tokens": 0},
+                "output_token_details": {
+                    "text_tokens": REALTIME_WORD_COUNT,
+                    "audio_tokens": 0,
+                },
+            }
+            done = {**response, "status": "completed", "usage": usage}
+            await _send_event(send, {"type": "response.done", "response": done})
+        else:
+            error = {"type": "invalid_request_error", "message": "unknown event type"}
+            await _send_event(send, {"type": "error", "error": error})
 
     async def _serve_http(
         self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
@@ -535,7 +604,8 @@ def create_mock_upstream_app(settings: MockUpstreamSettings) -> ASGIApp:
 
     It serves ``POST /v1/chat/completions`` (plain or streamed), ``GET /v1/models``
     and ``POST /v1/embeddings``, ignores ``Authorization``, and answers anything
-    else with an OpenAI-style 404. Run it under Hypercorn's Trio worker: streamed
+    else with an OpenAI-style 404. WebSocket sessions are served at
+    ``/v1/realtime`` only. Run it under Hypercorn's Trio worker: streamed
     completions sleep with ``trio.sleep`` between chunks.
 
     Args:
