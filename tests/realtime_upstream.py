@@ -26,6 +26,7 @@ and when it was closed.
 
 from __future__ import annotations
 
+import ssl
 from functools import partial
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
@@ -170,12 +171,15 @@ async def _send_response(ws: WebSocketConnection) -> None:
 
 
 async def serve_realtime_upstream(
-    nursery: trio.Nursery, upstream: RealtimeUpstream | None = None
+    nursery: trio.Nursery,
+    upstream: RealtimeUpstream | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RealtimeUpstream:
     """Serve a Realtime-like upstream on a free loopback port, in ``nursery``.
 
-    Returns it once it listens; its ``url`` is ``http://127.0.0.1:PORT``,
-    the base URL the proxy is given.
+    Returns it once it listens; its ``url`` is ``http://127.0.0.1:PORT``
+    (``https://`` with ``ssl_context``), the base URL the proxy is given.
     """
     upstream = upstream or RealtimeUpstream()
     server: WebSocketServer = await nursery.start(
@@ -184,11 +188,12 @@ async def serve_realtime_upstream(
             upstream.handle,
             "127.0.0.1",
             0,
-            ssl_context=None,
+            ssl_context=ssl_context,
             max_message_size=MAX_MESSAGE_BYTES,
             connect_timeout=5,
             disconnect_timeout=5,
         )
     )
-    upstream.url = f"http://127.0.0.1:{server.port}"
+    scheme = "http" if ssl_context is None else "https"
+    upstream.url = f"{scheme}://127.0.0.1:{server.port}"
     return upstream

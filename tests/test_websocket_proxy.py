@@ -8,8 +8,11 @@ Each test has a hang guard; all traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import shutil
+import ssl
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -290,6 +293,36 @@ async def test_shutdown_closes_open_sessions_with_1001_at_once(
     assert codes == [1001, 1001]
     assert trio.current_time() - started < 3
     assert all(s.close_code == 1001 for s in upstream.sessions)
+
+
+async def test_https_upstream_is_reached_over_tls(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await trio.run_process(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_stdout=True,
+        capture_stderr=True,
+    )  # fmt: skip
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    upstream = await serve_realtime_upstream(nursery, ssl_context=server_context)
+    # The relay's default TLS context trusts what SSL_CERT_FILE names.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url)
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with _open(handle) as ws:
+        created = _json(await ws.get_message())
+
+    assert upstream.url.startswith("https://")
+    assert created["type"] == "session.created"
 
 
 async def test_path_query_and_base_path_reach_the_upstream(

@@ -232,8 +232,8 @@ class WebSocketRelay:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
         use_ssl = self._upstream.scheme == "https"
-        # Made once: building a default context loads the CA store.
-        self._ssl_context = ssl.create_default_context() if use_ssl else None
+        self._use_ssl = use_ssl
+        self._ssl_context: ssl.SSLContext | None = None
         self._port = self._upstream.port or (443 if use_ssl else 80)
         host = self._upstream.host
         if ":" in host:
@@ -310,8 +310,11 @@ class WebSocketRelay:
         where = redact_url(self._upstream_url)
         try:
             with trio.fail_at(deadline):
-                if self._ssl_context is None:
+                if not self._use_ssl:
                     return await trio.open_tcp_stream(host, port)
+                if self._ssl_context is None:
+                    # Made once, at the first session: it loads the CA store.
+                    self._ssl_context = ssl.create_default_context()
                 return await trio.open_ssl_over_tcp_stream(
                     host, port, ssl_context=self._ssl_context, https_compatible=True
                 )
