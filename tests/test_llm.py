@@ -11,6 +11,7 @@ real proxy from a raw upstream, where the client must get the very bytes.
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from transcripts import (
 )
 
 from trio_llmproxy import Event, ProxyConfig, ServerHandle, serve
+from trio_llmproxy._event import WebSocketMessage, WebSocketSession
 from trio_llmproxy._llm import describe_llm, normalise_usage, recognise_api
 from trio_llmproxy._middleware import MAX_CHUNK_MARKS
 
@@ -642,3 +644,164 @@ def test_any_cut_of_any_transcript_with_any_line_ends_gives_the_same_llm(
     chunks = [body[a:b] for a, b in zip([0, *ends], [*ends, len(body)], strict=True)]
 
     assert llm_of(transcript, chunks) == reference
+
+
+# Realtime API sessions.
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_REALTIME_KEYS = st.sampled_from(
+    ["type", "response", "usage", "output", "content", "session", "model", "error"]
+)
+_REALTIME_TYPES = st.sampled_from(
+    ["response.done", "session.created", "session.updated", "error", "x"]
+)
+
+
+def realtime_session_event(server_messages: Sequence[str | bytes]) -> Event:
+    messages = [
+        WebSocketMessage(False, float(index), data, len(data))
+        for index, data in enumerate(server_messages)
+    ]
+    return make_event(
+        "/v1/realtime?model=gpt-realtime",
+        b"",
+        [],
+        status=101,
+        method="WEBSOCKET",
+        request_headers=[],
+        response_headers=[],
+        websocket=WebSocketSession(messages=messages),
+    )
+
+
+@given(
+    st.lists(
+        st.dictionaries(_REALTIME_KEYS, _REALTIME_TYPES | _JSON, max_size=5)
+        | _JSON
+        | st.binary(max_size=8),
+        max_size=6,
+    )
+)
+def test_realtime_llm_object_survives_any_server_messages(
+    server_messages: list[Any],
+) -> None:
+    # The json module writes what orjson refuses (huge integers, NaN): junk
+    # an upstream could send too.
+    encoded = [m if isinstance(m, bytes) else json.dumps(m) for m in server_messages]
+
+    llm = describe_llm(realtime_session_event(encoded))
+
+    assert llm is not None and llm["api"] == "realtime"
+    assert llm["responses"] <= len(encoded)
+    orjson.dumps(llm)
+
+
+def test_realtime_usage_keeps_the_raw_sum_of_every_count() -> None:
+    done = {
+        "type": "response.done",
+        "response": {
+            "status": "incomplete",
+            "status_details": {"type": "incomplete", "reason": "max_output_tokens"},
+            "usage": {
+                "total_tokens": 7,
+                "input_tokens": 4,
+                "output_tokens": 3,
+                "input_token_details": {"cached_tokens": 2, "audio_tokens": 1},
+            },
+        },
+    }
+    event = realtime_session_event([orjson.dumps(done).decode()] * 2)
+
+    llm = describe_llm(event)
+
+    assert llm is not None
+    assert llm["finish_reasons"] == ["max_output_tokens", "max_output_tokens"]
+    assert llm["usage"] == {
+        "input_tokens": 8,
+        "output_tokens": 6,
+        "total_tokens": 14,
+        "reasoning_tokens": None,
+        "cached_tokens": 4,
+        "raw": {
+            "total_tokens": 14,
+            "input_tokens": 8,
+            "output_tokens": 6,
+            "input_token_details": {"cached_tokens": 4, "audio_tokens": 2},
+        },
+    }
+
+
+def test_realtime_failed_response_is_an_in_band_error() -> None:
+    failed = {
+        "type": "response.done",
+        "response": {
+            "status": "failed",
+            "status_details": {
+                "type": "failed",
+                "error": {
+                    "type": "server_error",
+                    "code": "boom",
+                    "message": "it broke",
+                },
+            },
+        },
+    }
+    event = realtime_session_event([orjson.dumps(failed).decode()])
+
+    rendered = event.to_dict()
+
+    assert rendered["llm"]["outcome_detail"]["outcome"] == "upstream_error"
+    assert rendered["llm"]["outcome_detail"]["error_code"] == "boom"
+    assert rendered["outcome"] == "upstream_error"
+
+
+def test_realtime_function_calls_are_listed() -> None:
+    done = {
+        "type": "response.done",
+        "response": {
+            "status": "completed",
+            "output": [
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "arguments": '{"city": "Oslo"}',
+                }
+            ],
+        },
+    }
+    event = realtime_session_event([orjson.dumps(done).decode()])
+
+    llm = describe_llm(event)
+
+    assert llm is not None
+    assert llm["tool_calls"] == [
+        {
+            "choice": 0,
+            "index": 0,
+            "id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city": "Oslo"}',
+        }
+    ]
+
+
+def test_realtime_usage_of_absurd_counts_still_writes_as_json() -> None:
+    done = {
+        "type": "response.done",
+        "response": {"usage": {"total_tokens": 2**63 - 1, "input_tokens": -5}},
+    }
+    event = realtime_session_event([json.dumps(done)] * 2)
+
+    line = event.to_json()
+
+    usage = orjson.loads(line)["llm"]["usage"]
+    assert usage["total_tokens"] is None
+    assert usage["input_tokens"] is None

@@ -1,7 +1,8 @@
 """The ``llm`` object of an event: what an LLM call asked for and really got.
 
 :func:`describe_llm` reads an :class:`~trio_llmproxy.Event`'s captured
-request and response (JSON, or an SSE stream) and returns the API shape it
+request and response (JSON, or an SSE stream; for a WebSocket session, the
+Realtime API events the upstream sent) and returns the API shape it
 recognised, the models, the usage the upstream reported, finish reasons, the
 output text, tool calls put back together from their fragments, the time to
 the first generated content, and whether the call really succeeded (an HTTP
@@ -90,6 +91,9 @@ _REALTIME_CONTENT_EVENTS: Final = frozenset(
         "response.function_call_arguments.delta",
     }
 )
+
+# The largest token count summed over a session; beyond it, counts are junk.
+_MAX_COUNT: Final = 2**53
 
 logger = logging.getLogger(__name__)
 
@@ -620,16 +624,22 @@ def _outcome_detail(event: Event, analysis: _Analysis, *, checked_end: bool) -> 
 
 
 def _add_usage(total: Json, usage: Json) -> None:
-    """Add the counts of ``usage`` into ``total``, nested objects included."""
+    """Add the counts of ``usage`` into ``total``, nested objects included.
+
+    Only sane counts are added: a sum past 2**53 could not be written as
+    JSON by every reader (nor past 2**64 by orjson at all).
+    """
     for key, value in usage.items():
         if isinstance(value, dict):
             inner = total.get(key)
             if not isinstance(inner, dict):
                 inner = total[key] = {}
             _add_usage(inner, value)
-        elif _int(value) is not None:
-            current = total.get(key)
-            total[key] = (_int(current) or 0) + value
+            continue
+        count = _int(value)
+        if count is not None and 0 <= count < _MAX_COUNT:
+            current = _int(total.get(key)) or 0
+            total[key] = min(current + count, _MAX_COUNT)
 
 
 def _realtime_usage(raw: Json) -> Json:
