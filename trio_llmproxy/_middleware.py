@@ -342,8 +342,10 @@ class InstrumentationMiddleware:
 
     It keeps the client's ``X-Request-ID`` when sane (at most 128 printable
     ASCII characters) or makes one, passes it to the app in the request
-    headers and returns it in the response headers. WebSocket and lifespan
-    scopes pass through untouched.
+    headers and returns it in the response headers. A WebSocket session
+    makes one event too, when it ends (method ``WEBSOCKET``, its messages in
+    :attr:`Event.websocket`); its ID goes back in the accept's or the
+    refusal's headers. Lifespan scopes pass through untouched.
 
     Args:
         app: the ASGI app to wrap.
