@@ -286,14 +286,14 @@ async def test_middleware_records_each_request_of_a_plain_app_once() -> None:
     assert [event.response_body_size for event in events] == [0, 1, 2]
 
 
-async def test_middleware_passes_websocket_scopes_through_untouched() -> None:
+async def test_middleware_passes_lifespan_scopes_through_untouched() -> None:
     seen: list[Scope] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         seen.append(scope)
 
     bus = InMemoryEventBus()
-    scope: Scope = {"type": "websocket", "path": "/ws", "headers": []}
+    scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
 
     async with bus.subscribe("test"):
         await InstrumentationMiddleware(app, bus)(scope, _never, _never)
@@ -303,7 +303,7 @@ async def test_middleware_passes_websocket_scopes_through_untouched() -> None:
 
 
 async def _never(*args: object) -> Any:
-    raise AssertionError("the middleware must not touch a websocket's messages")
+    raise AssertionError("the middleware must not touch a lifespan's messages")
 
 
 # create_app, and the custom bus and sink of the docs.
