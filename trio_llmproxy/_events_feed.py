@@ -94,7 +94,11 @@ def _address_of(server: WebSocketServer) -> str:
     return f"{endpoint.url}/"
 
 
-def _peer(remote: Endpoint | str) -> str:
+def _peer_of(request: WebSocketRequest) -> str:
+    try:
+        remote = request.remote
+    except OSError:  # the client is gone already
+        return "a client"
     if isinstance(remote, Endpoint):
         return f"{remote.address}:{remote.port}"
     return remote
@@ -265,15 +269,27 @@ class EventsFeed:
             clients.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
 
     async def _handle(self, bus: EventBus, request: WebSocketRequest) -> None:
+        peer = _peer_of(request)
+        try:
+            await self._serve_client(bus, request, peer)
+        except ConnectionClosed:
+            logger.debug("events feed: %s left during the handshake", peer)
+        except Exception:
+            # The handlers run in the feed's nursery, inside the event
+            # pipeline's: one client's failure must end only its connection.
+            logger.exception("events feed: the connection of %s failed", peer)
+
+    async def _serve_client(
+        self, bus: EventBus, request: WebSocketRequest, peer: str
+    ) -> None:
         token = None if self._token is None else self._token.encode()
         refusal = _refusal(request, token)
         if refusal is not None:
             status, reason = refusal
-            logger.info("events feed: refused %s: %s", _peer(request.remote), reason)
+            logger.info("events feed: refused %s: %s", peer, reason)
             await request.reject(status, body=reason.encode())
             return
         connection = await request.accept()
-        peer = _peer(connection.remote)
         number = self._names.take()
         client = _Client(connection, f"{SUBSCRIBER_PREFIX}{number}")
         logger.info("events feed: %s connected", peer)
