@@ -60,6 +60,14 @@ CLI_VARIABLES = {
     "MOCK_CHUNK_SIZE",
     "MOCK_CHUNK_DELAY_MS",
     "MOCK_MODEL",
+    "EVENTS_FEED_ADDR",
+    "EVENTS_FEED_TOKEN",
+    "TAIL_FEED_URL",
+    "TAIL_JSON",
+    "TAIL_PATH",
+    "TAIL_STATUS",
+    "TAIL_OUTCOME",
+    "TAIL_RECONNECT_FOR",
 }
 
 SERVER_OPTIONS = {
@@ -74,6 +82,8 @@ SERVER_OPTIONS = {
     "--connect-timeout": ("UPSTREAM_CONNECT_TIMEOUT", "10"),
     "--read-timeout": ("UPSTREAM_READ_TIMEOUT", "600"),
     "--shutdown-timeout": ("SHUTDOWN_TIMEOUT", "30"),
+    "--events-feed": ("EVENTS_FEED_ADDR", "off"),
+    "--events-feed-token": ("EVENTS_FEED_TOKEN", "none"),
     "--log-level": ("LOG_LEVEL", "info"),
 }
 MOCK_UPSTREAM_OPTIONS = {
@@ -83,6 +93,17 @@ MOCK_UPSTREAM_OPTIONS = {
     "--chunk-delay-ms": ("MOCK_CHUNK_DELAY_MS", "0"),
     "--model": ("MOCK_MODEL", "mock-gpt"),
     "--log-level": ("LOG_LEVEL", "info"),
+}
+TAIL_OPTIONS = {
+    "--feed": ("TAIL_FEED_URL", "none"),
+    "--token": ("EVENTS_FEED_TOKEN", "none"),
+    "--redis-url": ("REDIS_URL", "none"),
+    "--redis-stream": ("REDIS_STREAM", "llm-proxy-events"),
+    "--json": ("TAIL_JSON", "off"),
+    "--path": ("TAIL_PATH", "all"),
+    "--status": ("TAIL_STATUS", "all"),
+    "--outcome": ("TAIL_OUTCOME", "all"),
+    "--reconnect-for": ("TAIL_RECONNECT_FOR", "60"),
 }
 
 
@@ -140,7 +161,11 @@ def same_default(shown: str, expected: str) -> bool:
 
 @pytest.mark.parametrize(
     ("command", "expected"),
-    [("server", SERVER_OPTIONS), ("mock-upstream", MOCK_UPSTREAM_OPTIONS)],
+    [
+        ("server", SERVER_OPTIONS),
+        ("mock-upstream", MOCK_UPSTREAM_OPTIONS),
+        ("tail", TAIL_OPTIONS),
+    ],
 )
 def test_help_lists_every_flag_with_its_variable_and_default(
     command: str, expected: dict[str, tuple[str, str]]
@@ -185,6 +210,35 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         (["server", "--shutdown-timeout", "nan"], {}, "--shutdown-timeout"),
         (["server"], {"UPSTREAM_CONNECT_TIMEOUT": "inf"}, "UPSTREAM_CONNECT_TIMEOUT"),
         (["server", "--upstream", "http://example.com:99999"], {}, "--upstream"),
+        (["server", "--events-feed", "0.0.0.0:0"], {}, "--events-feed"),
+        (["server", "--events-feed", "127.0.0.1:x"], {}, "--events-feed"),
+        (["server"], {"EVENTS_FEED_TOKEN": "short"}, "EVENTS_FEED_TOKEN"),
+        (["tail", "--feed", "ws://127.0.0.1:1/", "--status", "99x"], {}, "--status"),
+        (["tail", "--feed", "ws://127.0.0.1:1/", "--status", "600"], {}, "--status"),
+        (
+            ["tail", "--feed", "ws://127.0.0.1:1/"],
+            {"TAIL_STATUS": "2yy"},
+            "TAIL_STATUS",
+        ),
+        (["tail", "--feed", "ws://127.0.0.1:1/", "--outcome", "fine"], {}, "--outcome"),
+        (["tail", "--feed", "http://127.0.0.1:1/"], {}, "--feed"),
+        (["tail", "--redis-url", "http://127.0.0.1:1/"], {}, "--redis-url"),
+        (["tail"], {}, "--feed"),
+        (
+            ["tail", "--feed", "ws://127.0.0.1:1/", "--redis-url", "redis://h:1/0"],
+            {},
+            "--redis-url",
+        ),
+        (
+            ["tail"],
+            {"TAIL_FEED_URL": "ws://127.0.0.1:1/", "REDIS_URL": "redis://h:1/0"},
+            "--redis-url",
+        ),
+        (
+            ["tail", "--feed", "ws://127.0.0.1:1/", "--reconnect-for", "-1"],
+            {},
+            "--reconnect-for",
+        ),
     ],
     ids=[
         "port-out-of-range",
@@ -198,6 +252,19 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         "nan-shutdown-timeout",
         "infinite-connect-timeout-variable",
         "upstream-port-out-of-range",
+        "non-loopback-feed-without-token",
+        "feed-port-not-a-number",
+        "short-feed-token-variable",
+        "tail-status-not-a-status",
+        "tail-status-out-of-range",
+        "tail-status-variable",
+        "tail-unknown-outcome",
+        "tail-feed-not-websocket",
+        "tail-redis-url-not-redis",
+        "tail-without-source",
+        "tail-two-source-flags",
+        "tail-two-source-variables",
+        "tail-negative-reconnect",
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_it(

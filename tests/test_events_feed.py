@@ -1,0 +1,387 @@
+"""Tests for the live events feed that serve() runs with ``events_feed``.
+
+The proxy runs in-process on loopback port 0 with the feed on another port 0
+(its address is in ``ServerHandle.events_feed``); the upstream is the mock of
+``conftest.py``; the feed's clients are real trio-websocket clients. Each test
+runs under a hang guard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import pytest
+import trio
+from test_cli import run_cli
+from test_server import CHAT, RecordingSink, proxy_config, read_events
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from trio_llmproxy import serve
+from trio_llmproxy._server import ServerHandle
+
+HANG_GUARD_SECONDS = 15
+TOKEN = "feed-token-0123456789abcdef"
+
+
+def feed_config(tmp_path: Path, upstream: str, **overrides: Any) -> Any:
+    return proxy_config(tmp_path, upstream, events_feed="127.0.0.1:0", **overrides)
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {token}".encode())]
+
+
+@asynccontextmanager
+async def feed_client(
+    url: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    message_queue_size: int = 1,
+) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client of the feed, on a stream of our own.
+
+    trio-websocket's open_websocket_url leaves the socket open when the
+    server refuses the handshake or closes first; this one closes it.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            connection = await wrap_client_stream(
+                nursery,
+                stream,
+                parts.hostname,
+                "/",
+                extra_headers=headers or [],
+                message_queue_size=message_queue_size,
+            )
+            yield connection
+            await connection.aclose()
+    finally:
+        await stream.aclose()
+
+
+async def handshake_refusal(
+    url: str, headers: list[tuple[bytes, bytes]]
+) -> ConnectionRejected | None:
+    """Open and close a client; return the refusal, if the feed refused it."""
+    refusal = None
+    try:
+        async with feed_client(url, headers):
+            pass
+    except* ConnectionRejected as group:
+        first = group.exceptions[0]
+        assert isinstance(first, ConnectionRejected)
+        refusal = first
+    return refusal
+
+
+async def read_until_closed(connection: WebSocketConnection) -> list[str]:
+    messages: list[str] = []
+    try:
+        while True:
+            message = await connection.get_message()
+            assert isinstance(message, str)
+            messages.append(message)
+    except ConnectionClosed:
+        return messages
+
+
+def split_notices(messages: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
+    """The events among ``messages``, and the events the notices say were lost."""
+    events, dropped = [], 0
+    for message in messages:
+        data = orjson.loads(message)
+        if "events_feed_notice" in data:
+            dropped += data["dropped"]
+        else:
+            events.append(data)
+    return events, dropped
+
+
+async def test_feed_client_receives_each_event_as_its_json_while_serving(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            async with (
+                feed_client(handle.events_feed, message_queue_size=100) as feed,
+                httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+            ):
+                received = []
+                for number in range(3):
+                    request_id = f"live-{number}"
+                    headers = {"X-Request-ID": request_id}
+                    await client.post(
+                        "/v1/chat/completions", json=CHAT, headers=headers
+                    )
+                    # Each event arrives before the next request is sent.
+                    received.append(await feed.get_message())
+            handle.shutdown()
+
+    lines = (tmp_path / "e.jsonl").read_text().splitlines()
+    assert received == lines
+    assert [orjson.loads(m)["request_id"] for m in received] == [
+        "live-0",
+        "live-1",
+        "live-2",
+    ]
+
+
+async def test_feed_address_names_the_bound_loopback_port(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            handle.shutdown()
+
+    assert handle.events_feed is not None
+    assert handle.events_feed.startswith("ws://127.0.0.1:")
+    assert not handle.events_feed.endswith(":0/")
+    assert handle.events_feed != handle.addresses[0].replace("http", "ws") + "/"
+
+
+async def test_feed_is_off_unless_asked_for(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(
+                serve, proxy_config(tmp_path, mock_upstream_url)
+            )
+            handle.shutdown()
+
+    assert handle.events_feed is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([], 401),
+        (bearer("not-the-token-at-all-0000"), 403),
+        ([(b"authorization", f"Basic {TOKEN}".encode())], 403),
+    ],
+    ids=["no-token", "wrong-token", "not-bearer"],
+)
+async def test_feed_with_token_refuses_client_without_it(
+    headers: list[tuple[bytes, bytes]],
+    status: int,
+    tmp_path: Path,
+    mock_upstream_url: str,
+) -> None:
+    config = feed_config(tmp_path, mock_upstream_url, events_feed_token=TOKEN)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            refused = await handshake_refusal(handle.events_feed, headers)
+            handle.shutdown()
+
+    assert refused is not None
+    assert refused.status_code == status
+    assert TOKEN.encode() not in (refused.body or b"")
+
+
+async def test_feed_with_token_sends_events_to_client_with_it(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    config = feed_config(tmp_path, mock_upstream_url, events_feed_token=TOKEN)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            async with (
+                feed_client(handle.events_feed, bearer(TOKEN)) as feed,
+                httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+            ):
+                await client.post("/v1/chat/completions", json=CHAT)
+                message = await feed.get_message()
+            handle.shutdown()
+
+    assert orjson.loads(message)["path"] == "/v1/chat/completions"
+
+
+async def test_feed_refuses_browsers_by_their_origin_header(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            origin = [(b"origin", b"https://evil.example")]
+            refused = await handshake_refusal(handle.events_feed, origin)
+            handle.shutdown()
+
+    assert refused is not None
+    assert refused.status_code == 403
+
+
+async def test_feed_is_neither_forwarded_nor_recorded(
+    tmp_path: Path, mock_upstream_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = feed_config(tmp_path, mock_upstream_url, events_feed_token=TOKEN)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            refused = await handshake_refusal(handle.events_feed, bearer(TOKEN))
+            handle.shutdown()
+
+    assert refused is None
+    assert read_events(tmp_path) == []
+    assert TOKEN not in caplog.text
+    assert f"events feed on {handle.events_feed}" in caplog.text
+
+
+def test_non_loopback_feed_without_token_exits_2_with_one_line() -> None:
+    result = run_cli("server", "--listen", "127.0.0.1:0", "--events-feed", "0.0.0.0:0")
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--events-feed" in lines[0]
+    assert "EVENTS_FEED_TOKEN" in lines[0]
+
+
+async def test_slow_feed_client_loses_only_its_own_events(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    # Answers of 300 kB: a few fill the loopback socket buffers of a client
+    # that does not read, and its buffer of 8 events is soon full.
+    big = {"X-Mock-Chunk-Count": "1", "X-Mock-Chunk-Size": "300000"}
+    requests = 40
+    sink = RecordingSink()
+    config = feed_config(tmp_path, mock_upstream_url, buffer_size=8)
+
+    with trio.fail_after(HANG_GUARD_SECONDS * 2):
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(
+                partial(serve, config, sinks=[sink])
+            )
+            assert handle.events_feed is not None
+            async with (
+                feed_client(handle.events_feed, message_queue_size=1) as slow,
+                feed_client(handle.events_feed, message_queue_size=100) as fast,
+                httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+            ):
+                fast_messages: list[str] = []
+                start = trio.current_time()
+                for number in range(requests):
+                    response = await client.post(
+                        "/v1/chat/completions", json=CHAT, headers=big
+                    )
+                    assert response.status_code == 200
+                    message = await fast.get_message()
+                    assert isinstance(message, str)
+                    fast_messages.append(message)
+                    await sink.wait_for(number + 1)
+                elapsed = trio.current_time() - start
+                handle.shutdown()
+                slow_messages = await read_until_closed(slow)
+
+    slow_events, slow_dropped = split_notices(slow_messages)
+    fast_events, fast_dropped = split_notices(fast_messages)
+    assert slow_dropped > 0
+    assert len(slow_events) + slow_dropped == requests
+    assert (len(fast_events), fast_dropped) == (requests, 0)
+    assert len(read_events(tmp_path)) == requests
+    assert len(sink.events) == requests
+    assert elapsed < 10
+
+
+async def test_shutdown_with_feed_client_is_prompt_and_loses_no_sink_event(
+    tmp_path: Path, mock_upstream_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            async with (
+                feed_client(handle.events_feed, message_queue_size=100) as feed,
+                httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+            ):
+                for _ in range(5):
+                    await client.post("/v1/chat/completions", json=CHAT)
+                start = trio.current_time()
+                handle.shutdown()
+                messages = await read_until_closed(feed)
+                closed = feed.closed
+        stopped = trio.current_time() - start
+
+    assert stopped < 2
+    assert closed is not None
+    assert closed.code == 1001
+    assert len(messages) == 5
+    assert len(read_events(tmp_path)) == 5
+    assert "lost" not in caplog.text
+
+
+async def test_feed_clients_that_vanish_leave_the_proxy_and_the_feed_serving(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            parts = urlsplit(handle.events_feed)
+            assert parts.hostname is not None and parts.port is not None
+            # One leaves before its handshake, one right after it, unannounced.
+            stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+            await stream.aclose()
+            stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+            async with trio.open_nursery() as client_nursery:
+                await wrap_client_stream(client_nursery, stream, parts.hostname, "/")
+                await stream.aclose()
+            async with (
+                feed_client(handle.events_feed) as feed,
+                httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+            ):
+                response = await client.post("/v1/chat/completions", json=CHAT)
+                message = await feed.get_message()
+            handle.shutdown()
+
+    assert response.status_code == 200
+    assert isinstance(message, str)
+    assert orjson.loads(message)["path"] == "/v1/chat/completions"
+
+
+async def test_serve_fails_at_once_when_the_feed_port_is_taken(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        config = proxy_config(tmp_path, mock_upstream_url, events_feed=f"{host}:{port}")
+
+        with trio.fail_after(HANG_GUARD_SECONDS), pytest.raises(Exception) as failed:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, config)
+
+    assert failed.group_contains(OSError)
