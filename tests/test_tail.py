@@ -31,6 +31,7 @@ from redis_support import (  # noqa: F401
 )
 from test_cli import CLI, clean_env, free_port
 from test_server import CHAT, proxy_config
+from trio_websocket import open_websocket_url
 
 from trio_llmproxy import serve
 from trio_llmproxy._server import ServerHandle
@@ -277,6 +278,30 @@ async def test_tail_shows_time_to_first_token_of_a_stream(proxy: Proxy) -> None:
     assert f"ttft={event['llm']['ttft_ms']:.1f}ms" in line
     usage = event["llm"]["usage"]
     assert f"tokens={usage['input_tokens']}+{usage['output_tokens']}" in line
+
+
+async def test_tail_shows_a_websocket_session_once_it_ends(proxy: Proxy) -> None:
+    url = proxy.url.replace("http://", "ws://") + "/v1/realtime"
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with running_tail(*proxy.tail_args) as tail:
+            await proxy.wait_until_tail_reads(tail)
+            async with open_websocket_url(url, subprotocols=["realtime"]) as session:
+                await session.get_message()  # session.created
+                await session.send_message('{"type": "response.create"}')
+                for _ in range(11):  # up to response.done
+                    await session.get_message()
+            line = (await tail.wait_for_lines(1))[0]
+            [event] = await proxy.wait_for_logged_events(1)
+            await tail.interrupt()
+
+    shown = parsed(line)
+    assert (shown["status"], shown["method"], shown["path"]) == (
+        "101",
+        "WEBSOCKET",
+        "/v1/realtime",
+    )
+    assert shown["tokens_out"] == str(event["llm"]["usage"]["output_tokens"])
 
 
 async def test_tail_json_prints_each_event_exactly_as_recorded(proxy: Proxy) -> None:

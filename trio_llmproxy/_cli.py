@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import trio
@@ -39,6 +39,9 @@ from ._errors import ConfigError
 from ._redact import redact_url
 from ._server import ServerHandle, serve
 from ._sinks import JsonlFileSink, Sink, StdoutSink, open_event_log
+
+if TYPE_CHECKING:
+    from ._tail import Source
 
 EXIT_USAGE = 2
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -779,6 +782,7 @@ class _FeedUrl(click.ParamType[str]):
     envvar="TAIL_JSON",
     is_flag=True,
     default=False,
+    show_default="off",
     help="Print each event's JSON object, one per line, instead of a summary.",
 )
 @_option(
@@ -869,16 +873,28 @@ def _tail_sources(
     return None, None
 
 
+class _OutputClosed(Exception):
+    """Standard output's reader has left (``tail | head``).
+
+    Not an ``OSError``: the Redis source takes those for Redis trouble.
+    """
+
+
 def _write_line(line: str) -> None:
-    sys.stdout.write(line)
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _OutputClosed from None
 
 
 def _warn(message: str) -> None:
     click.echo(f"llm-proxy tail: {message}", err=True)
 
 
-def _run_tail(source: Any, printer: Any, reconnect_seconds: float) -> None:
+def _run_tail(
+    source: Source, printer: Callable[[str], None], reconnect_seconds: float
+) -> None:
     """Follow ``source`` until SIGINT or SIGTERM (exit 0) or a failure (exit 1)."""
     from ._tail import TailError, follow
 
@@ -900,7 +916,7 @@ def _run_tail(source: Any, printer: Any, reconnect_seconds: float) -> None:
     except* TailError as group:
         click.echo(f"llm-proxy: error: {group.exceptions[0]}", err=True)
         sys.exit(1)
-    except* BrokenPipeError:
+    except* _OutputClosed:
         # The reader of our output left (`tail | head`): nothing to say.
         _silence_stdout()
 
