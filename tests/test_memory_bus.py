@@ -143,6 +143,29 @@ async def test_batch_waits_flush_interval_for_more_events(
     assert batches[1][0] - start == pytest.approx(17.0)
 
 
+async def test_full_batch_leaves_before_the_flush_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bus = InMemoryEventBus()
+    batches: list[tuple[float, list[str]]] = []
+
+    async def receive(subscription: Subscription) -> None:
+        async for batch in subscription:
+            batches.append((trio.current_time(), ids(batch)))
+
+    async with trio.open_nursery() as nursery:
+        async with bus.subscribe("s", batch_size=3, flush_interval=5.0) as sub:
+            nursery.start_soon(receive, sub)
+            start = trio.current_time()
+            for number in range(3):
+                await trio.sleep(1)
+                bus.publish(make_event(number))
+            await trio.sleep(10)
+            bus.close()
+
+    assert batches == [(pytest.approx(start + 3.0), ["e0", "e1", "e2"])]
+
+
 async def test_zero_flush_interval_delivers_what_waits_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -44,6 +44,9 @@ UNREAD_BODY_TIMEOUT_SECONDS: Final = 10.0
 # the refusal before the client has read it.
 LINGER_SECONDS: Final = 2.0
 DEFAULT_CLIENT_TIMEOUT_SECONDS: Final = 75.0
+# Upstream URLs kept for reuse; past this many distinct targets (IDs in
+# paths, varied queries) the cache starts over, so it stays bounded.
+MAX_CACHED_TARGETS: Final = 512
 DEFAULT_MAX_CONCURRENT_REQUESTS: Final = 1000
 # Headers the client sends that the proxy replaces: httpx sets Host to the
 # upstream's.
@@ -247,6 +250,9 @@ class ProxyApp:
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
+        # Upstream URLs by (raw path, query): clients call a handful of
+        # routes, and httpx validates every URL it builds (about 20 us).
+        self._targets: dict[tuple[bytes, bytes], httpx.URL] = {}
         self._client = client
         self._max_request_bytes = max_request_bytes
         self._client_timeout = client_timeout
@@ -322,7 +328,7 @@ class ProxyApp:
         if any(name == b"transfer-encoding" for name, _ in scope["headers"]):
             also_drop = _REQUEST_HEADERS_REPLACED_WHEN_CHUNKED
         headers = end_to_end_headers(scope["headers"], also_drop=also_drop)
-        url = self._upstream.target(
+        url = self._target(
             scope.get("raw_path") or scope["path"].encode("utf-8"),
             scope.get("query_string", b""),
         )
@@ -335,6 +341,16 @@ class ProxyApp:
         request = httpx.Request(scope["method"], url, headers=headers)
         request.stream = _BodyStream(client.body())
         return request
+
+    def _target(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        key = (raw_path, query)
+        url = self._targets.get(key)
+        if url is None:
+            url = self._upstream.target(raw_path, query)
+            if len(self._targets) >= MAX_CACHED_TARGETS:
+                self._targets.clear()
+            self._targets[key] = url
+        return url
 
     async def _relay(
         self, scope: Scope, client: _Client, response: httpx.Response, send: Send
