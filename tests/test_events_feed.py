@@ -200,6 +200,8 @@ async def test_feed_with_token_refuses_client_without_it(
     assert refused is not None
     assert refused.status_code == status
     assert TOKEN.encode() not in (refused.body or b"")
+    challenge = (b"www-authenticate", b"Bearer") in (refused.headers or ())
+    assert challenge == (status == 401)
 
 
 async def test_feed_with_token_sends_events_to_client_with_it(

@@ -81,8 +81,11 @@ def _render(events: Sequence[Event]) -> list[str]:
 
 
 def _notice(dropped: int, total: int) -> str:
-    notice = {"events_feed_notice": "dropped", "dropped": dropped}
-    notice["total_dropped"] = total
+    notice = {
+        "events_feed_notice": "dropped",
+        "dropped": dropped,
+        "total_dropped": total,
+    }
     return orjson.dumps(notice).decode("ascii")
 
 
@@ -287,7 +290,8 @@ class EventsFeed:
         if refusal is not None:
             status, reason = refusal
             logger.info("events feed: refused %s: %s", peer, reason)
-            await request.reject(status, body=reason.encode())
+            headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            await request.reject(status, extra_headers=headers, body=reason.encode())
             return
         connection = await request.accept()
         number = self._names.take()
