@@ -25,6 +25,7 @@ import orjson
 import pytest
 import trio
 from redis_support import (  # noqa: F401
+    RedisServer,
     ignore_coredis_stream_leak,
     redis_server_fixture,
     redis_url_fixture,
@@ -407,6 +408,31 @@ async def test_tail_takes_no_event_from_the_dispatchers(
 
     assert groups == ()
     assert length == 5
+
+
+@pytest.mark.redis
+async def test_tail_reconnects_to_a_restarted_redis_and_carries_on(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    mock_upstream_url: str,
+    redis_url: str,
+    redis_server: RedisServer,
+) -> None:
+    proxy = await start_proxy(nursery, tmp_path, mock_upstream_url, "redis", redis_url)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with running_tail(*proxy.tail_args) as tail:
+            await proxy.wait_until_tail_reads(tail)
+            await trio.to_thread.run_sync(redis_server.restart)
+            await tail.wait_for_error("reconnected")
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                await client.get("/v1/models")
+            line = (await tail.wait_for_lines(1))[0]
+            status = await tail.interrupt()
+
+    assert "lost the Redis stream 'llm-proxy-events'" in tail.errors[0]
+    assert parsed(line)["path"] == "/v1/models"
+    assert status == 0
 
 
 async def test_tail_exits_0_quietly_on_interrupt(feed_proxy: Proxy) -> None:
