@@ -1,4 +1,4 @@
-"""A real ``redis-server`` for the tests, started once per session; events to send.
+"""A real ``redis-server`` for the tests, started once per session.
 
 Import the fixtures into a test module to use them (they are registered
 under the names ``redis_server`` and ``redis_url``; the functions carry a
@@ -11,8 +11,7 @@ so a restart brings it back empty, as after a crash of a Redis without
 persistence. ``redis_url`` flushes it before each test and makes sure it runs
 (a test that stopped it may have failed half-way). Without a ``redis-server``
 binary the tests are skipped, except under ``CI=true``, where that is a
-failure. :func:`make_event` builds small events for the bus, sink and
-dispatcher tests.
+failure.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from trio_llmproxy._event import Event
-
 STARTUP_TIMEOUT_SECONDS = 10.0
 # coredis (6.x) creates anyio memory streams for each connection and leaves
 # them unclosed when the connection attempt fails, as it does throughout a
@@ -44,32 +41,6 @@ _INSTALL_HINT = (
     "`apt-get install redis-server`, macOS: `brew install redis`) to run "
     "the Redis tests"
 )
-
-
-def make_event(number: int, *, body: bytes = b"hello") -> Event:
-    """Return a small, complete event whose ``event_id`` is ``ev-<number>``."""
-    return Event(
-        event_id=f"ev-{number}",
-        request_id=f"req-{number}",
-        timestamp=1_700_000_000.0 + number,
-        method="POST",
-        path="/v1/chat/completions",
-        query="",
-        status=200,
-        duration_ms=12.5,
-        ttfb_ms=3.25,
-        request_headers=[(b"content-type", b"application/json")],
-        response_headers=[(b"content-type", b"text/plain")],
-        request_body=b'{"model": "m"}',
-        request_body_size=14,
-        request_body_truncated=False,
-        response_body=body,
-        response_body_size=len(body),
-        response_body_truncated=False,
-        streamed=False,
-        outcome="ok",
-        error=None,
-    )
 
 
 def _free_port() -> int:

@@ -13,9 +13,9 @@ from functools import partial
 import attrs
 import pytest
 import trio
+from events import make_event
 from redis_support import (  # noqa: F401
     ignore_coredis_stream_leak,
-    make_event,
     redis_server_fixture,
     redis_url_fixture,
     unreachable_redis_url_fixture,
@@ -129,7 +129,7 @@ async def test_serve_dispatcher_delivers_and_acknowledges_every_event(
         left = await pending(redis_url, "fake")
 
     assert sorted(e.event_id for e in sink.delivered) == sorted(
-        f"ev-{n}" for n in range(25)
+        f"e{n}" for n in range(25)
     )
     assert left == 0
 
@@ -256,7 +256,7 @@ async def test_a_batch_that_failed_every_attempt_is_claimed_again_later(
         left = await pending(redis_url, "fake")
 
     assert len(sink.attempts) == 4
-    assert [e.event_id for e in sink.delivered] == ["ev-0", "ev-1", "ev-2"]
+    assert [e.event_id for e in sink.delivered] == ["e0", "e1", "e2"]
     assert left == 0
 
 

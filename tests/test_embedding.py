@@ -21,6 +21,7 @@ import trio
 import trio.testing
 from conftest import serve_asgi
 from docs_examples import example
+from events import make_event
 
 from trio_llmproxy import (
     Dispatcher,
@@ -439,35 +440,15 @@ class _ListSubscription(Subscription):
         self.acked.append([event.event_id for event in batch])
 
 
-def _event(event_id: str) -> Event:
-    return Event(
-        event_id=event_id,
-        request_id=event_id,
-        timestamp=0.0,
-        method="GET",
-        path="/",
-        query="",
-        status=200,
-        duration_ms=1.0,
-        ttfb_ms=None,
-        request_headers=(),
-        response_headers=(),
-        request_body=b"",
-        request_body_size=0,
-        request_body_truncated=False,
-        response_body=b"",
-        response_body_size=0,
-        response_body_truncated=False,
-        streamed=False,
-        outcome="ok",
-        error=None,
-    )
-
-
 async def test_subscription_events_yields_in_order_and_acks_each_batch_after_it() -> (
     None
 ):
-    subscription = _ListSubscription([[_event("a"), _event("b")], [_event("c")]])
+    subscription = _ListSubscription(
+        [
+            [make_event(event_id="a"), make_event(event_id="b")],
+            [make_event(event_id="c")],
+        ]
+    )
     seen: list[tuple[str, int]] = []
 
     async for event in subscription.events():
@@ -478,7 +459,12 @@ async def test_subscription_events_yields_in_order_and_acks_each_batch_after_it(
 
 
 async def test_subscription_events_can_be_left_early_without_acking_the_rest() -> None:
-    subscription = _ListSubscription([[_event("a"), _event("b")], [_event("c")]])
+    subscription = _ListSubscription(
+        [
+            [make_event(event_id="a"), make_event(event_id="b")],
+            [make_event(event_id="c")],
+        ]
+    )
 
     async for event in subscription.events():
         if event.event_id == "b":

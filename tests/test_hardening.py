@@ -18,6 +18,7 @@ from pathlib import Path
 import brotli  # type: ignore[import-untyped]  # ships no type hints
 import httpx
 import trio
+from events import make_event
 from upstreams import (
     RawUpstream,
     chunk,
@@ -31,33 +32,6 @@ from trio_llmproxy import Event, InMemoryEventBus, JsonlFileSink, ProxyConfig, s
 from trio_llmproxy._event import MAX_DECODED_BODY_BYTES
 
 HANG_GUARD_SECONDS = 10
-
-
-def _event(number: int, *, body: bytes = b"", encoding: str | None = None) -> Event:
-    headers = [] if encoding is None else [(b"content-encoding", encoding.encode())]
-    return Event(
-        event_id=f"ev-{number}",
-        request_id=f"req-{number}",
-        timestamp=1_700_000_000.0,
-        method="GET",
-        path="/v1/x",
-        query="",
-        status=200,
-        duration_ms=1.0,
-        ttfb_ms=0.5,
-        request_headers=[],
-        response_headers=headers,
-        request_body=b"",
-        request_body_size=0,
-        request_body_truncated=False,
-        response_body=body,
-        response_body_size=len(body),
-        response_body_truncated=False,
-        response_body_content_encoding=encoding,
-        streamed=False,
-        outcome="ok",
-        error=None,
-    )
 
 
 @asynccontextmanager
@@ -179,7 +153,13 @@ async def test_repeated_x_request_id_reaches_upstream_once(
 def test_brotli_bomb_decodes_only_up_to_the_cap_and_is_marked_truncated() -> None:
     bomb = brotli.compress(b"\0" * (4 * MAX_DECODED_BODY_BYTES), quality=5)
 
-    rendered = _event(1, body=bomb, encoding="br").to_dict()
+    event = make_event(
+        response_headers=[(b"content-encoding", b"br")],
+        response_body=bomb,
+        response_body_content_encoding="br",
+    )
+
+    rendered = event.to_dict()
 
     assert len(rendered["response_body"]) == MAX_DECODED_BODY_BYTES
     assert rendered["response_body_truncated"] is True
@@ -192,11 +172,11 @@ async def test_event_log_left_with_a_partial_line_gets_whole_lines_after_it(
     path.write_bytes(b'{"event_id": "complete"}\n{"event_id": "cut sho')
 
     async with JsonlFileSink(path) as sink:
-        await sink.deliver([_event(1)])
+        await sink.deliver([make_event(1)])
 
     lines = path.read_bytes().split(b"\n")
     assert lines[1] == b'{"event_id": "cut sho'
-    assert Event.from_json(lines[2]).event_id == "ev-1"
+    assert Event.from_json(lines[2]).event_id == "e1"
 
 
 async def test_event_log_moved_away_is_written_anew_at_its_path(
@@ -205,11 +185,11 @@ async def test_event_log_moved_away_is_written_anew_at_its_path(
     path = tmp_path / "events.jsonl"
 
     async with JsonlFileSink(path) as sink:
-        await sink.deliver([_event(1)])
+        await sink.deliver([make_event(1)])
         os.rename(path, tmp_path / "events.jsonl.1")
-        await sink.deliver([_event(2)])
+        await sink.deliver([make_event(2)])
 
-    assert Event.from_json(path.read_bytes()).event_id == "ev-2"
+    assert Event.from_json(path.read_bytes()).event_id == "e2"
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
 
 
@@ -218,10 +198,10 @@ async def test_slow_subscriber_drops_once_its_byte_budget_is_full() -> None:
 
     async with bus, bus.subscribe("slow") as subscription:
         for number in range(10):
-            bus.publish(_event(number, body=b"x" * 4_000))
+            bus.publish(make_event(number, response_body=b"x" * 4_000))
         batch = await subscription.receive_batch()
 
-    assert [event.event_id for event in batch] == ["ev-0", "ev-1"]
+    assert [event.event_id for event in batch] == ["e0", "e1"]
     assert bus.statistics().subscribers["slow"].dropped == 8
 
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import trio
 from conftest import serve_asgi
-from redis_support import make_event
+from events import make_event
 
 from trio_llmproxy._bus import Subscription
 from trio_llmproxy._dispatch import Dispatcher, RetryPolicy

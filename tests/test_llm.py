@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import events
 import httpx
 import orjson
 import pytest
@@ -52,32 +53,20 @@ def make_event(
     marks: Sequence[tuple[int, float]] = (),
     **overrides: Any,
 ) -> Event:
-    body = b"".join(chunks)
     fields: dict[str, Any] = {
-        "event_id": "e1",
-        "request_id": "r1",
-        "timestamp": 1_700_000_000.0,
-        "method": "POST",
         "path": path.split("?")[0],
         "query": path.partition("?")[2],
         "status": status,
         "duration_ms": 500.0,
         "ttfb_ms": 5.0,
-        "request_headers": [(b"content-type", b"application/json")],
         "response_headers": [(b"content-type", content_type)],
         "request_body": request,
-        "request_body_size": len(request),
-        "request_body_truncated": False,
-        "response_body": body,
-        "response_body_size": len(body),
-        "response_body_truncated": False,
+        "response_body": b"".join(chunks),
         "response_chunk_marks": marks,
         "streamed": content_type == b"text/event-stream",
-        "outcome": "ok",
-        "error": None,
     }
     fields.update(overrides)
-    return Event(**fields)
+    return events.make_event(**fields)
 
 
 def llm_of(transcript: Transcript, chunks: Sequence[bytes]) -> dict[str, Any]:

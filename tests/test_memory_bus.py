@@ -12,33 +12,9 @@ from collections.abc import Sequence
 import pytest
 import trio
 import trio.testing
+from events import make_event
 
 from trio_llmproxy import Event, InMemoryEventBus, Subscription
-
-
-def make_event(number: int) -> Event:
-    return Event(
-        event_id=f"e{number}",
-        request_id=f"r{number}",
-        timestamp=1_700_000_000.0,
-        method="GET",
-        path="/v1/models",
-        query="",
-        status=200,
-        duration_ms=1.0,
-        ttfb_ms=0.5,
-        request_headers=[],
-        response_headers=[],
-        request_body=b"",
-        request_body_size=0,
-        request_body_truncated=False,
-        response_body=b"{}",
-        response_body_size=2,
-        response_body_truncated=False,
-        streamed=False,
-        outcome="ok",
-        error=None,
-    )
 
 
 def ids(events: Sequence[Event]) -> list[str]:

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from events import make_event
 
 from trio_llmproxy import (
     Dispatcher,
@@ -34,31 +35,6 @@ from trio_llmproxy import (
 # Far above any open descriptor (and the usual limit): every call on it fails
 # with EBADF.
 NOT_A_DESCRIPTOR = 1_000_000
-
-
-def make_event(number: int, body: bytes = b'{"ok": true}') -> Event:
-    return Event(
-        event_id=f"e{number}",
-        request_id=f"r{number}",
-        timestamp=1_700_000_000.0,
-        method="POST",
-        path="/v1/chat/completions",
-        query="",
-        status=200,
-        duration_ms=1.0,
-        ttfb_ms=0.5,
-        request_headers=[(b"content-type", b"application/json")],
-        response_headers=[(b"content-type", b"application/json")],
-        request_body=b"{}",
-        request_body_size=2,
-        request_body_truncated=False,
-        response_body=body,
-        response_body_size=len(body),
-        response_body_truncated=False,
-        streamed=False,
-        outcome="ok",
-        error=None,
-    )
 
 
 def events(count: int, start: int = 0) -> list[Event]:

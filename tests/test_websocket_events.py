@@ -20,6 +20,7 @@ import pytest
 import trio
 from conftest import serve_asgi
 from docs_examples import example
+from events import make_event
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -746,27 +747,18 @@ def realtime_event(*server_events: Any, path: str = "/v1/realtime") -> Event:
         )
         for index, item in enumerate(server_events)
     ]
-    return Event(
-        event_id="e1",
-        request_id="r1",
+    return make_event(
         timestamp=1_700_000_000.25,
         method="WEBSOCKET",
         path=path,
-        query="",
         status=101,
         duration_ms=100.0,
         ttfb_ms=1.0,
         request_headers=[],
         response_headers=[],
         request_body=b"",
-        request_body_size=0,
-        request_body_truncated=False,
         response_body=b"",
-        response_body_size=0,
-        response_body_truncated=False,
         streamed=True,
-        outcome="ok",
-        error=None,
         websocket=WebSocketSession(messages=messages),
     )
 
