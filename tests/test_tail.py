@@ -497,6 +497,21 @@ async def test_tail_cannot_reach_the_feed_exits_1_with_one_line() -> None:
     assert f"cannot reach the events feed at {url}" in tail.errors[0]
 
 
+async def test_tail_speaking_tls_to_a_plain_feed_exits_1_with_one_line(
+    feed_proxy: Proxy,
+) -> None:
+    assert feed_proxy.handle.events_feed is not None
+    url = feed_proxy.handle.events_feed.replace("ws://", "wss://")
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with running_tail("--feed", url) as tail:
+            status = await tail.exit_status()
+
+    assert status == 1
+    assert len(tail.errors) == 1, tail.errors
+    assert f"cannot reach the events feed at {url}" in tail.errors[0]
+
+
 async def test_tail_without_the_feed_token_is_refused_and_exits_1(
     nursery: trio.Nursery, tmp_path: Path, mock_upstream_url: str
 ) -> None:

@@ -310,7 +310,8 @@ class FeedSource:
             reason = str(group.exceptions[0]) or type(group.exceptions[0]).__name__
             raise SourceUnavailable(reason) from None
         finally:
-            # trio-websocket leaves a refused client's stream open: close it.
+            # trio-websocket closes the stream neither of a refused client nor
+            # of one the server closed: it is ours to close.
             await stream.aclose()
         raise SourceLost(reason)
 
@@ -320,15 +321,22 @@ class FeedSource:
         try:
             with trio.fail_after(CONNECT_TIMEOUT_SECONDS):
                 tcp = await trio.open_tcp_stream(host, port)
-                if not secure:
-                    return tcp
-                context = ssl.create_default_context()
-                tls = trio.SSLStream(tcp, context, server_hostname=host)
-                await tls.do_handshake()
-                return tls
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        except (OSError, trio.TooSlowError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise SourceUnavailable(reason) from None
+        if not secure:
+            return tcp
+        tls = trio.SSLStream(tcp, ssl.create_default_context(), server_hostname=host)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT_SECONDS):
+                await tls.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(tcp)
+            if isinstance(exc, trio.BrokenResourceError | trio.TooSlowError):
+                reason = str(exc.__cause__ or exc) or "TLS handshake timed out"
+                raise SourceUnavailable(reason) from None
+            raise
+        return tls
 
     async def _handshake(
         self,
