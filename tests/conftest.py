@@ -11,7 +11,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from trio_llmproxy._mock_upstream import MockUpstreamSettings, create_mock_upstream_app
+from trio_llmproxy._mock_upstream import MockUpstreamHandle, serve_mock_upstream
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
@@ -38,4 +38,5 @@ async def serve_asgi(nursery: trio.Nursery, app: Callable[..., Awaitable[None]])
 @pytest.fixture
 async def mock_upstream_url(nursery: trio.Nursery) -> str:
     """Base URL of a mock upstream with default settings, live for one test."""
-    return await serve_asgi(nursery, create_mock_upstream_app(MockUpstreamSettings()))
+    handle: MockUpstreamHandle = await nursery.start(serve_mock_upstream)
+    return handle.addresses[0]

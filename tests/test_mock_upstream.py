@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import cast
 
 import attrs
@@ -17,13 +18,15 @@ import openai
 import pytest
 import trio
 import trio.testing
-from conftest import serve_asgi
 
+from trio_llmproxy import ConfigError
+from trio_llmproxy._asgi import Message
 from trio_llmproxy._mock_upstream import (
     SENTENCE,
-    ASGIMessage,
+    MockUpstreamHandle,
     MockUpstreamSettings,
     create_mock_upstream_app,
+    serve_mock_upstream,
 )
 
 HANG_GUARD_SECONDS = 10
@@ -298,10 +301,10 @@ async def test_streamed_request_id_is_echoed(client: httpx.AsyncClient) -> None:
 
 async def test_custom_settings_shape_completions(nursery: trio.Nursery) -> None:
     settings = MockUpstreamSettings(chunk_count=2, chunk_size=3, model="tiny")
-    url = await serve_asgi(nursery, create_mock_upstream_app(settings))
 
     with trio.fail_after(HANG_GUARD_SECONDS):
-        async with httpx.AsyncClient(base_url=url) as client:
+        handle = await nursery.start(serve_mock_upstream, settings)
+        async with httpx.AsyncClient(base_url=handle.addresses[0]) as client:
             response = await client.post("/v1/chat/completions", json={})
 
     body = response.json()
@@ -369,6 +372,36 @@ async def test_sdk_raises_mock_status(sdk: openai.AsyncOpenAI) -> None:
         )
 
 
+# Starting it from Python.
+
+
+async def test_serve_reports_the_port_chosen_for_port_0(nursery: trio.Nursery) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        handle = await nursery.start(partial(serve_mock_upstream, listen="127.0.0.1:0"))
+        async with httpx.AsyncClient(base_url=handle.addresses[0]) as client:
+            response = await client.get("/v1/models")
+
+    assert handle.addresses[0].startswith("http://127.0.0.1:")
+    assert not handle.addresses[0].endswith(":0")
+    assert response.status_code == 200
+
+
+async def test_serve_returns_after_shutdown_and_refuses_new_clients() -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle: MockUpstreamHandle = await nursery.start(serve_mock_upstream)
+            handle.shutdown()
+
+        async with httpx.AsyncClient(base_url=handle.addresses[0]) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/v1/models")
+
+
+async def test_serve_refuses_a_listen_address_without_a_port() -> None:
+    with pytest.raises(ConfigError, match="127.0.0.1"):
+        await serve_mock_upstream(listen="127.0.0.1")
+
+
 # The bare ASGI app, driven by hand, for timing and disconnects.
 
 
@@ -377,20 +410,20 @@ class FakeClient:
     """Plays the server side of ASGI for one request; records what the app sends."""
 
     body: bytes
-    sent: list[ASGIMessage] = attrs.Factory(list)
+    sent: list[Message] = attrs.Factory(list)
     sent_at: list[float] = attrs.Factory(list)
     leave_after_messages: int | None = None
     _left: trio.Event = attrs.Factory(trio.Event)
     _asked_for_body: bool = False
 
-    async def receive(self) -> ASGIMessage:
+    async def receive(self) -> Message:
         if not self._asked_for_body:
             self._asked_for_body = True
             return {"type": "http.request", "body": self.body, "more_body": False}
         await self._left.wait()
         return {"type": "http.disconnect"}
 
-    async def send(self, message: ASGIMessage) -> None:
+    async def send(self, message: Message) -> None:
         self.sent.append(message)
         self.sent_at.append(trio.current_time())
         if len(self.sent) == self.leave_after_messages:
@@ -453,12 +486,12 @@ async def test_stream_stops_quietly_when_client_leaves(
 async def test_app_completes_lifespan() -> None:
     app = create_mock_upstream_app(MockUpstreamSettings())
     incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-    sent: list[ASGIMessage] = []
+    sent: list[Message] = []
 
-    async def receive() -> ASGIMessage:
+    async def receive() -> Message:
         return next(incoming)
 
-    async def send(message: ASGIMessage) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     await app({"type": "lifespan"}, receive, send)

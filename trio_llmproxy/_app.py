@@ -22,7 +22,7 @@ import attrs
 import httpx
 import trio
 
-from ._asgi import ASGIApp, Receive, Scope, Send
+from ._asgi import ASGIApp, Receive, Scope, Send, answer_lifespan
 from ._bus import EventBus
 from ._config import ProxyConfig
 from ._event import Event
@@ -41,17 +41,6 @@ STATE_KEY: Final = "trio_llmproxy.proxy"
 # Closing the owned client only closes sockets; if that hangs, give up on it
 # rather than hold up the server's shutdown.
 CLIENT_CLOSE_TIMEOUT_SECONDS: Final = 5.0
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # Nothing to set up or tear down here: serve() owns the client and the bus.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 @attrs.frozen
@@ -207,7 +196,9 @@ def create_app(
             if owned is not None:
                 await owned.lifespan(scope, receive, send)
             else:
-                await _lifespan(receive, send)
+                # Nothing to set up or tear down: the caller owns the client
+                # and the bus.
+                await answer_lifespan(receive, send)
         elif (
             kind == "http" and scope["path"] == HEALTH_PATH and scope["method"] == "GET"
         ):

@@ -21,30 +21,31 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TypeVar, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 import orjson
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._asgi import ASGIApp, Receive, Scope, Send, answer_lifespan
+from ._config import parse_listen_address
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
 
 __all__ = [
-    "ASGIApp",
-    "ASGIMessage",
-    "ASGIReceive",
-    "ASGIScope",
-    "ASGISend",
+    "MockUpstreamHandle",
     "MockUpstreamSettings",
     "create_mock_upstream_app",
+    "serve_mock_upstream",
 ]
-
-ASGIScope = Mapping[str, object]
-ASGIMessage = Mapping[str, object]
-ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
-ASGISend = Callable[[ASGIMessage], Awaitable[None]]
-ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
 
 _Number = TypeVar("_Number", int, float)
 
@@ -89,6 +90,14 @@ _ERROR_TYPES = {
     403: "permission_error",
     429: "rate_limit_error",
 }
+
+# Benchmarks open many connections at once and keep them between requests.
+LISTEN_BACKLOG = 1024
+KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
+# On a graceful shutdown, streams still running after this are cut.
+GRACEFUL_SHUTDOWN_SECONDS = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class _HTTPError(Exception):
@@ -157,7 +166,7 @@ class _Request:
     path: str
     headers: Mapping[bytes, bytes]
     body: bytes
-    receive: ASGIReceive
+    receive: Receive
 
 
 @attrs.frozen(kw_only=True)
@@ -174,7 +183,7 @@ class _Completion:
 class _Responder:
     """Sends one HTTP response, adding the headers every response carries."""
 
-    _send: ASGISend
+    _send: Send
     _extra_headers: list[tuple[bytes, bytes]]
 
     async def json(self, status: int, body: bytes) -> None:
@@ -371,7 +380,7 @@ async def _send_stream(
     await responder.end_stream()
 
 
-async def _read_body(receive: ASGIReceive) -> bytes | None:
+async def _read_body(receive: Receive) -> bytes | None:
     """Returns the whole request body, or None if the client left first."""
     chunks: list[bytes] = []
     size = 0
@@ -390,7 +399,7 @@ async def _read_body(receive: ASGIReceive) -> bytes | None:
 
 
 async def _cancel_on_disconnect(
-    receive: ASGIReceive, cancel_scope: trio.CancelScope
+    receive: Receive, cancel_scope: trio.CancelScope
 ) -> None:
     # Hypercorn quietly drops sends once the client is gone, so the only way to
     # notice a departed client is to wait for http.disconnect on receive().
@@ -399,18 +408,8 @@ async def _cancel_on_disconnect(
     cancel_scope.cancel()
 
 
-async def _send_event(send: ASGISend, event: Mapping[str, object]) -> None:
+async def _send_event(send: Send, event: Mapping[str, object]) -> None:
     await send({"type": "websocket.send", "text": orjson.dumps(event).decode()})
-
-
-async def _serve_lifespan(receive: ASGIReceive, send: ASGISend) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _embedding(text: str, encoding_format: str) -> list[float] | str:
@@ -478,19 +477,15 @@ class _MockUpstreamApp:
     def _encode_models(self) -> bytes:
         return _models_body(self._settings.model)
 
-    async def __call__(
-        self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             await self._serve_http(scope, receive, send)
         elif scope["type"] == "websocket":
             await self._serve_realtime(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await _serve_lifespan(receive, send)
+            await answer_lifespan(receive, send)
 
-    async def _serve_realtime(
-        self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
-    ) -> None:
+    async def _serve_realtime(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         if scope["path"] != REALTIME_PATH:
@@ -511,7 +506,7 @@ class _MockUpstreamApp:
                 # Binary messages (input audio, say) are taken and not answered.
                 await self._realtime_event(send, text)
 
-    async def _realtime_event(self, send: ASGISend, text: str) -> None:
+    async def _realtime_event(self, send: Send, text: str) -> None:
         try:
             event = orjson.loads(text)
             kind = event.get("type") if isinstance(event, dict) else None
@@ -542,9 +537,7 @@ class _MockUpstreamApp:
             error = {"type": "invalid_request_error", "message": "unknown event type"}
             await _send_event(send, {"type": "error", "error": error})
 
-    async def _serve_http(
-        self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend
-    ) -> None:
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(cast("Iterable[tuple[bytes, bytes]]", scope["headers"]))
         request_id = headers.get(b"x-request-id")
         echoed = [] if request_id is None else [(b"x-request-id", request_id)]
@@ -613,3 +606,66 @@ def create_mock_upstream_app(settings: MockUpstreamSettings) -> ASGIApp:
             override them.
     """
     return _MockUpstreamApp(settings)
+
+
+@attrs.define(eq=False)
+class MockUpstreamHandle:
+    """What :func:`serve_mock_upstream` reports once it accepts connections.
+
+    Attributes:
+        addresses: the bound addresses, such as ``["http://127.0.0.1:9000"]``,
+            with the port the system chose when ``listen`` asked for port 0.
+    """
+
+    addresses: list[str]
+    _shutdown: trio.Event
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: stop accepting, let open streams finish."""
+        self._shutdown.set()
+
+
+async def serve_mock_upstream(
+    settings: MockUpstreamSettings | None = None,
+    *,
+    listen: str = "127.0.0.1:0",
+    task_status: trio.TaskStatus[MockUpstreamHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves the mock upstream with Hypercorn; start it with ``nursery.start``.
+
+    Reports a :class:`MockUpstreamHandle` once the socket is listening, so the
+    caller learns the bound address (the port too, with ``listen`` on port 0)
+    without polling. Runs until :meth:`MockUpstreamHandle.shutdown`, which
+    lets open responses finish for up to ``GRACEFUL_SHUTDOWN_SECONDS``, or
+    until its cancel scope is cancelled, which cuts them at once. Installs no
+    signal handlers.
+
+    Args:
+        settings: as for :func:`create_mock_upstream_app`; the defaults
+            without it.
+        listen: the address to accept clients on, ``HOST:PORT``.
+
+    Raises:
+        ConfigError: ``listen`` is not ``HOST:PORT``.
+        OSError: the address cannot be bound.
+    """
+    parse_listen_address(listen)
+    app = create_mock_upstream_app(settings or MockUpstreamSettings())
+    hyper = HypercornConfig()
+    hyper.bind = [listen]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_SECONDS
+    hyper.backlog = LISTEN_BACKLOG
+    hyper.graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        # Hypercorn types apps with its own TypedDicts; ours use plain
+        # mappings of the same ASGI messages.
+        framework = cast("ASGIFramework", app)
+        # An explicit trigger keeps Hypercorn from installing signal handlers.
+        server = partial(hypercorn_serve, framework, hyper, shutdown_trigger=stop.wait)
+        addresses: list[str] = await nursery.start(server)
+        logger.info("mock upstream listening on %s", ", ".join(addresses))
+        task_status.started(MockUpstreamHandle(addresses, stop))
