@@ -43,7 +43,7 @@ import procs
 import run
 
 # The run.py scenarios the floor is measured for.
-DEFAULT_SCENARIOS = "json_c1,json_c32,sse200_c1,sse200_c16,sse50d20_c64"
+DEFAULT_SCENARIOS = "json_c1,json_c32,sse200_c1,sse200_c16,sse50d20_c1,sse50d20_c64"
 SERVERS = ("hypercorn", "relay", "forward")
 ROWS = ("hypercorn", "httpx", "relay", "forward", "nometrics", "memory")
 
@@ -286,11 +286,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         bench = run.Bench(bench_args, stack)
         bench.start_upstream()
         bench.start_loadgen()
+        rows = args.targets.split(",")
         for mode in SERVERS:
-            _start_server(bench, mode)
+            if mode in rows:
+                _start_server(bench, mode)
         bench.start_proxy("memory")
-        _start_proxy_without_metrics(bench)
-        targets = ["direct", *SERVERS, "nometrics", "memory"]
+        if "nometrics" in rows:
+            _start_proxy_without_metrics(bench)
+        targets = ["direct", *[t for t in ROWS if t in rows and t != "httpx"]]
+        if "memory" not in targets:
+            targets.append("memory")
         bench.warm_up(targets)
         for scenario in chosen:
             requests = min(scenario["requests"], args.requests or 10**9)
@@ -299,6 +304,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 segments[target].append(bench.segment(target, scenario))
             figures = {t: run.summarise(scenario, segs) for t, segs in segments.items()}
             run.add_deltas(figures)
+            if "httpx" not in rows:
+                out[scenario["name"]] = {"title": scenario["title"], "targets": figures}
+                continue
             fetched = _httpx_segment(bench, scenario, requests)
             n = max(fetched["requests"], 1)
             figures["httpx"] = {
@@ -319,14 +327,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(results: dict[str, Any]) -> str:
     """The figures as a table: CPU per request and per event, and latency."""
-    cols = ("target", "CPU ms/rq", "us/ev", "req/s", "+TTFT50", "+TTFT99", "gap99")
+    cols = ("target", "CPU ms/rq", "us/ev", "req/s", "+TTFT50", "+TTFT99", "+ev50",
+            "gap99")  # fmt: skip
     lines = ["  ".join(f"{c:>10}" for c in cols)]
     for name, result in results.items():
         if name.startswith("_"):
             continue
         lines.append(f"{name}: {result['title']}")
         for target in ROWS:
-            fig = result["targets"][target]
+            fig = result["targets"].get(target)
+            if fig is None:
+                continue
             cells = (
                 target,
                 run._f(fig.get("proxy_cpu_ms_per_request"), 3),
@@ -334,6 +345,7 @@ def render(results: dict[str, Any]) -> str:
                 run._f(fig.get("requests_per_s"), 1),
                 run._signed(fig.get("added_ttft_p50_ms")),
                 run._signed(fig.get("added_ttft_p99_ms")),
+                run._signed(fig.get("added_event_latency_p50_ms")),
                 run._f(fig.get("gap_excess_p99_ms"), 1),
             )
             lines.append("  ".join(f"{c:>10}" for c in cells))
@@ -356,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
     parser.add_argument("--requests", type=int, default=0,
                         help="cap on requests per segment")  # fmt: skip
+    parser.add_argument("--targets", default=",".join(ROWS),
+                        help="rows to measure (%(default)s)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds per scenario, targets alternating")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")

@@ -28,7 +28,7 @@ from transcripts import load, raw_upstream
 from trio_llmproxy import Event, InMemoryEventBus, ProxyConfig, ServerHandle, serve
 from trio_llmproxy._cli import _MetricsPath
 from trio_llmproxy._errors import ConfigError
-from trio_llmproxy._metrics import ProxyMetrics, path_template
+from trio_llmproxy._metrics import INLINE_BODY_BYTES, ProxyMetrics, path_template
 from trio_llmproxy._redis_bus import BusError, GroupLag, StreamLag
 
 HANG_GUARD_SECONDS = 20.0
@@ -150,6 +150,32 @@ async def test_metrics_count_calls_tokens_latency_and_bytes(
         )
         == 4
     )
+
+
+async def test_stream_larger_than_the_inline_limit_is_counted_with_its_tokens(
+    mock_upstream_url: str,
+) -> None:
+    # Captures above INLINE_BODY_BYTES are counted in a worker thread.
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with (
+            running_proxy(mock_upstream_url) as handle,
+            httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+        ):
+            streamed = await client.post(
+                "/v1/chat/completions",
+                json=chat(True, stream_options={"include_usage": True}),
+                headers={"X-Mock-Chunk-Count": "400", "X-Mock-Chunk-Size": "100"},
+            )
+            samples = await scrape_when(client, "llmproxy_requests_total", 1)
+
+    assert len(streamed.content) > INLINE_BODY_BYTES
+    usage = orjson.loads(
+        [line for line in streamed.text.splitlines() if '"usage":{' in line][-1][6:]
+    )["usage"]
+    model = {"api": "chat.completions", "model": "mock-gpt"}
+    assert value(samples, "llmproxy_llm_requests_total", **model, outcome="ok") == 1
+    output = value(samples, "llmproxy_tokens_total", **model, kind="output")
+    assert output == usage["completion_tokens"]
 
 
 async def test_metrics_are_neither_forwarded_nor_recorded(
