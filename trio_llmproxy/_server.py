@@ -11,6 +11,11 @@ are flushed, fsynced and closed.
 When the bus is Redis, the in-process bus still feeds this process's own
 sinks (so ``--file-event-log`` records the events this process published,
 each once), and one more subscriber forwards every event to Redis.
+
+With ``--events-feed``, the pipeline also runs the live events feed
+(``_events_feed.py``): each connected ``tail`` is one more subscriber, which
+is not a sink. It stops with the bus, and what its clients have not received
+by then is not counted as lost.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ._bus import EventBus
 from ._config import ProxyConfig
 from ._dispatch import Dispatcher
 from ._event import Event
+from ._events_feed import SUBSCRIBER_PREFIX, EventsFeed
 from ._memory_bus import InMemoryEventBus
 from ._metrics import ProxyMetrics
 from ._redact import redact_url
@@ -55,11 +61,15 @@ class ServerHandle:
     Attributes:
         addresses: the bound addresses, such as ``["http://127.0.0.1:8080"]``.
         bus: the in-process bus; subscribe to it to receive every event.
+        events_feed: the live events feed's address, such as
+            ``"ws://127.0.0.1:8181/"`` (with the bound port when
+            ``config.events_feed`` asks for port 0), or None when it is off.
     """
 
     addresses: list[str]
     bus: EventBus
     _shutdown: trio.Event
+    events_feed: str | None = None
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown: stop accepting, finish, drain, return."""
@@ -132,6 +142,7 @@ async def open_event_pipeline(
     drain_deadline: Callable[[], float],
     *,
     metrics: ProxyMetrics | None = None,
+    feed_address: list[str] | None = None,
 ) -> AsyncIterator[InMemoryEventBus]:
     """Open the bus with its sinks (and Redis forwarding); drain it on exit.
 
@@ -139,7 +150,9 @@ async def open_event_pipeline(
     time by which the drain must be done; what is not delivered by then is
     counted and logged as lost. Closing the sinks (fsync) then gets a short
     grace period of its own. ``metrics``, when given, counts every event (a
-    subscriber named ``metrics``) and reports the buses' counters.
+    subscriber named ``metrics``) and reports the buses' counters. When
+    ``config.events_feed`` is set, the feed runs too, and its address is
+    appended to ``feed_address``.
     """
     bus = InMemoryEventBus(config.buffer_size)
     scopes: list[trio.CancelScope] = []
@@ -150,6 +163,14 @@ async def open_event_pipeline(
         for sink in sinks:
             await stack.enter_async_context(sink)
         async with trio.open_nursery() as nursery:
+            # The feed first: should its port be taken, nothing shielded has
+            # started yet that would wait for a bus that is never closed.
+            feed = None
+            if config.events_feed is not None:
+                feed = EventsFeed(config.events_feed, token=config.events_feed_token)
+                address = await nursery.start(feed.serve, bus)
+                if feed_address is not None:
+                    feed_address.append(address)
             for dispatcher in dispatchers:
                 name, deliver = dispatcher.sink.name, dispatcher.deliver
                 await nursery.start(
@@ -169,6 +190,10 @@ async def open_event_pipeline(
                     drain_deadline(), trio.current_time() + MIN_DRAIN_SECONDS
                 )
                 bus.close()
+                if feed is not None:
+                    # Its clients get what the bus still delivers, within a
+                    # grace period of the feed's own; they are not sinks.
+                    feed.stop()
                 for dispatcher in dispatchers:
                     dispatcher.stopping.set()
                 for scope in scopes:
@@ -226,7 +251,12 @@ def _log_drain_result(
     # what was lost is what the drain deadline cut off, and what the sinks
     # still failed after their last attempt.
     lost = cut_off + sum(d.stats.failed for d in dispatchers)
-    dropped = stats.dropped + sum(s.dropped for s in stats.subscribers.values())
+    # A tail's losses are its own (the feed tells it); they are not the sinks'.
+    dropped = stats.dropped + sum(
+        s.dropped
+        for name, s in stats.subscribers.items()
+        if not name.startswith(SUBSCRIBER_PREFIX)
+    )
     if lost:
         logger.error("%d event(s) were lost: the drain did not finish in time", lost)
     if dropped:
@@ -271,14 +301,25 @@ async def serve(
 
     all_sinks = [*_default_sinks(config), *sinks]
     metrics = ProxyMetrics() if config.metrics_path else None
-    pipeline = open_event_pipeline(config, all_sinks, drain_deadline, metrics=metrics)
+    feed_address: list[str] = []
+    pipeline = open_event_pipeline(
+        config, all_sinks, drain_deadline, metrics=metrics, feed_address=feed_address
+    )
     async with pipeline as bus:
         async with create_upstream_client(
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             max_connections=config.max_upstream_connections,
         ) as client:
-            app = create_app(config, bus, client, enrich=enrich, metrics=metrics)
+            app = create_app(
+                config,
+                bus,
+                client,
+                enrich=enrich,
+                metrics=metrics,
+                # Open WebSocket sessions close at once (1001) on shutdown.
+                going_away=shutdown_requested,
+            )
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(
                     partial(
@@ -295,4 +336,10 @@ async def serve(
                     redact_url(config.upstream_url),
                     ", ".join(addresses),
                 )
-                task_status.started(ServerHandle(addresses, bus, shutdown_requested))
+                handle = ServerHandle(
+                    addresses,
+                    bus,
+                    shutdown_requested,
+                    events_feed=feed_address[0] if feed_address else None,
+                )
+                task_status.started(handle)
