@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import trio
 from click.core import ParameterSource
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from ._config import (
     ProxyConfig,
@@ -539,7 +537,11 @@ def mock_upstream_command(
     log_level: str,
 ) -> None:
     """Run a local OpenAI-compatible fake upstream (no key needed)."""
-    from ._mock_upstream import MockUpstreamSettings, create_mock_upstream_app
+    from ._mock_upstream import (
+        MockUpstreamHandle,
+        MockUpstreamSettings,
+        serve_mock_upstream,
+    )
 
     _setup_logging(log_level)
     settings = MockUpstreamSettings(
@@ -548,28 +550,10 @@ def mock_upstream_command(
         chunk_delay_seconds=chunk_delay_ms / 1000.0,
         model=model,
     )
-    app = create_mock_upstream_app(settings)
-    _run_until_signal(partial(_serve_app, app, listen), trio.Event.set)
-
-
-async def _serve_app(
-    app: Any, listen: str, *, task_status: trio.TaskStatus[trio.Event]
-) -> None:
-    """Serve a plain ASGI app until the reported event is set."""
-    hyper = HypercornConfig()
-    hyper.bind = [listen]
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("hypercorn.error")
-    hyper.keep_alive_timeout = 75.0
-    hyper.backlog = 1024
-    hyper.graceful_timeout = 5.0
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait)
-        )
-        logger.info("mock upstream listening on %s", ", ".join(binds))
-        task_status.started(stop)
+    _run_until_signal(
+        partial(serve_mock_upstream, settings, listen=listen),
+        MockUpstreamHandle.shutdown,
+    )
 
 
 @cli.command("dispatcher")
