@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import attrs
@@ -388,3 +389,38 @@ def test_output_block_is_attached_to_the_program_before_it(tmp_path: Any) -> Non
 
     assert program.output == "1\n"
     assert output.is_output
+
+
+# The README's SDK example, against a real proxy in front of the mock.
+
+README_PROXY_URL = "http://127.0.0.1:8080"
+
+
+async def test_readme_sdk_example_prints_the_streamed_answer(
+    mock_upstream_url: str,
+) -> None:
+    (block,) = [b for b in code_blocks(README) if b.language == "python"]
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=mock_upstream_url)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(serve, config)
+            proxy_url = handle.addresses[0]
+            async with handle.bus.subscribe("readme") as subscription:
+                # The example is a synchronous program: run it as one.
+                program = block.source.replace(README_PROXY_URL, proxy_url)
+                result = await trio.run_process(
+                    [sys.executable, "-c", program], capture_stdout=True
+                )
+                event = await subscription.events().__anext__()
+            handle.shutdown()
+
+    answer = "".join(
+        choice["delta"].get("content") or ""
+        for data in event.to_dict()["response_body"].split("data: ")[1:]
+        if not data.startswith("[DONE]")
+        for choice in json.loads(data)["choices"]
+    )
+    assert answer
+    assert result.stdout.decode() == answer + "\n"
+    assert event.to_dict()["llm"]["usage"]["total_tokens"] > 0
