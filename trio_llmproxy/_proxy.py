@@ -47,6 +47,9 @@ DEFAULT_CLIENT_TIMEOUT_SECONDS: Final = 75.0
 # Upstream URLs kept for reuse; past this many distinct targets (IDs in
 # paths, varied queries) the cache starts over, so it stays bounded.
 MAX_CACHED_TARGETS: Final = 512
+# Longer targets are built each time, so the cache stays small whatever
+# the clients send (a request head may hold 64 KiB).
+MAX_CACHED_TARGET_BYTES: Final = 256
 DEFAULT_MAX_CONCURRENT_REQUESTS: Final = 1000
 # Headers the client sends that the proxy replaces: httpx sets Host to the
 # upstream's.
@@ -343,6 +346,8 @@ class ProxyApp:
         return request
 
     def _target(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        if len(raw_path) + len(query) > MAX_CACHED_TARGET_BYTES:
+            return self._upstream.target(raw_path, query)
         key = (raw_path, query)
         url = self._targets.get(key)
         if url is None:
