@@ -7,6 +7,7 @@ This module is the only one that talks httpx; it converts httpx's errors into
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -125,13 +126,18 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _sharded(max_connections: int, proxy: str | None = None) -> _ShardedTransport:
-    """Up to ``MAX_POOL_SHARDS`` pools sharing ``max_connections``."""
+def _sharded(
+    max_connections: int, tls: ssl.SSLContext, proxy: str | None = None
+) -> _ShardedTransport:
+    """Up to ``MAX_POOL_SHARDS`` pools sharing ``max_connections`` and ``tls``."""
     count = min(MAX_POOL_SHARDS, max_connections)
     keep_alive = _split(min(max_connections, 100), count)
     return _ShardedTransport(
         [
             httpx.AsyncHTTPTransport(
+                # One TLS context for all: each one loads the CA bundle,
+                # which takes tens of milliseconds of blocking work.
+                verify=tls,
                 limits=httpx.Limits(
                     max_connections=limit, max_keepalive_connections=keep_alive[i]
                 ),
@@ -143,7 +149,7 @@ def _sharded(max_connections: int, proxy: str | None = None) -> _ShardedTranspor
 
 
 def _environment_mounts(
-    max_connections: int,
+    max_connections: int, tls: ssl.SSLContext
 ) -> dict[str, httpx.AsyncBaseTransport | None]:
     """The transports a default httpx client would mount for the environment.
 
@@ -154,7 +160,9 @@ def _environment_mounts(
     """
     mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
     for pattern, proxy in get_environment_proxies().items():
-        mounts[pattern] = None if proxy is None else _sharded(max_connections, proxy)
+        mounts[pattern] = (
+            None if proxy is None else _sharded(max_connections, tls, proxy)
+        )
     return mounts
 
 
@@ -170,6 +178,9 @@ def create_upstream_client(
     ``HTTPS_PROXY`` and ``ALL_PROXY`` name, except to the hosts ``NO_PROXY``
     lists.
     """
+    # Like a default httpx client's: certifi's CA bundle, or the one that
+    # SSL_CERT_FILE or SSL_CERT_DIR names.
+    tls = httpx.create_ssl_context()
     return _UpstreamClient(
         timeout=httpx.Timeout(
             connect=connect_timeout,
@@ -177,8 +188,8 @@ def create_upstream_client(
             write=read_timeout,
             pool=connect_timeout,
         ),
-        transport=_sharded(max_connections),
-        mounts=_environment_mounts(max_connections),
+        transport=_sharded(max_connections, tls),
+        mounts=_environment_mounts(max_connections, tls),
         follow_redirects=False,
     )
 
