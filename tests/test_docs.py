@@ -54,7 +54,18 @@ VOLATILE_FIELDS = frozenset(
     {"event_id", "request_id", "timestamp", "duration_ms", "ttfb_ms"}
 )
 # Variables the docs may name that are not an option's own variable.
-EXTRA_VARIABLES = frozenset({"REDIS_ADDR", "REDIS_DB", "OBSERVABILITY_ENABLED"})
+EXTRA_VARIABLES = frozenset(
+    {
+        "REDIS_ADDR",
+        "REDIS_DB",
+        "OBSERVABILITY_ENABLED",
+        # The forward proxy to reach the upstream through, read by httpx.
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+    }
+)
 # The examples every embedding user needs; other tests load some of them.
 REQUIRED_EXAMPLES = (
     "quickstart",
