@@ -28,8 +28,9 @@ from transcripts import load, raw_upstream
 from trio_llmproxy import Event, InMemoryEventBus, ProxyConfig, ServerHandle, serve
 from trio_llmproxy._cli import _MetricsPath
 from trio_llmproxy._errors import ConfigError
-from trio_llmproxy._metrics import INLINE_BODY_BYTES, ProxyMetrics, path_template
+from trio_llmproxy._metrics import ProxyMetrics, path_template
 from trio_llmproxy._redis_bus import BusError, GroupLag, StreamLag
+from trio_llmproxy._rendering import INLINE_BODY_BYTES
 
 HANG_GUARD_SECONDS = 20.0
 API_KEY = "sk-demo-0000000000001234"

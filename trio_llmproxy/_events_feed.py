@@ -56,6 +56,7 @@ from trio_websocket import (
 from ._bus import EventBus, Subscription
 from ._config import check_events_feed, parse_events_feed_address
 from ._event import Event
+from ._rendering import render_events
 
 #: Events rendered and sent together.
 SEND_BATCH_EVENTS: Final = 16
@@ -164,6 +165,7 @@ class _Client:
 
     async def _send_all(self, subscription: Subscription, bus: EventBus) -> None:
         async for batch in subscription:
+            await render_events(batch)
             for message in await trio.to_thread.run_sync(_render, batch):
                 await self.connection.send_message(message)
             self.sent += len(batch)

@@ -20,6 +20,7 @@ import trio
 
 from ._errors import ConfigError, SinkError
 from ._event import Event
+from ._rendering import render_events
 from ._sinks import Sink
 
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
@@ -120,6 +121,7 @@ class HttpSink(Sink):
         if client is None:
             msg = f"HTTP sink for {self._shown_url} is not open"
             raise SinkError(msg)
+        await render_events(events)
         body = await trio.to_thread.run_sync(encode_array, events)
         try:
             response = await client.post(self.url, content=body)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -50,6 +49,7 @@ from ._asgi import Send
 from ._bus import EventBus
 from ._errors import ProxyError
 from ._event import Event
+from ._rendering import process_events
 
 if TYPE_CHECKING:
     from ._redis_bus import StreamLag
@@ -95,11 +95,6 @@ _ID_SEGMENT: Final = re.compile(
 # several percent of the proxy's CPU with batches of one or two events).
 METRICS_FLUSH_INTERVAL_SECONDS: Final = 0.2
 METRICS_BATCH_SIZE: Final = 1000
-# Events whose captured bodies are at most this large are counted on the
-# event loop (parsing one takes up to a few milliseconds), yielding to the
-# other tasks at least every slice; larger ones are counted in a thread.
-INLINE_BODY_BYTES: Final = 16 * 1024
-METRICS_SLICE_SECONDS: Final = 0.001
 
 logger = logging.getLogger(__name__)
 
@@ -357,27 +352,10 @@ class ProxyMetrics:
     async def deliver(self, events: Sequence[Event]) -> None:
         """Count a batch: small events on the event loop, large ones in a thread.
 
-        Counting parses the captured bodies. Done in a worker thread, that
-        parsing holds the GIL while the event loop waits for it after each
-        socket call (up to the 5 ms switch interval, every time): under load
-        it delayed the first tokens and the events of other streams by tens
-        of milliseconds. So events with small bodies (every JSON answer and
-        most streams) are counted here, one at a time, yielding to the loop
-        at least every ``METRICS_SLICE_SECONDS``; only events whose capture
-        is larger, whose parse alone could stall the loop, go to the thread.
+        Counting parses the captured bodies; see ``_rendering`` for why small
+        events are counted on the loop.
         """
-        large = []
-        started = time.perf_counter()
-        for event in events:
-            if len(event.response_body) + len(event.request_body) > INLINE_BODY_BYTES:
-                large.append(event)
-                continue
-            self.observe_all((event,))
-            if time.perf_counter() - started >= METRICS_SLICE_SECONDS:
-                await trio.lowlevel.checkpoint()
-                started = time.perf_counter()
-        if large:
-            await trio.to_thread.run_sync(self.observe_all, large)
+        await process_events(events, self.observe_all)
 
     async def serve_bus_subscriber(
         self,

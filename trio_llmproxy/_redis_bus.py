@@ -99,6 +99,7 @@ from ._bus import (
 from ._config import DEFAULT_STREAM, check_redis_url, display_url
 from ._errors import ConfigError, ProxyError
 from ._event import Event
+from ._rendering import render_events
 
 DEFAULT_MAXLEN: Final = 100_000
 #: The one field of each stream entry; its value is the event's JSON.
@@ -824,6 +825,7 @@ class RedisEventBus(EventBus):
                 if not events:
                     return
                 self._in_hand = len(events)
+                await render_events(events)
                 entries = await trio.to_thread.run_sync(_encode_all, events)
                 await self._write_all(entries, reconnect)
                 self._in_hand = 0

@@ -21,6 +21,7 @@ import trio
 
 from ._errors import ConfigError, SinkError
 from ._event import Event
+from ._rendering import render_events
 
 FSYNC_INTERVAL_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 10.0
@@ -137,6 +138,7 @@ class JsonlFileSink(Sink):
 
     async def deliver(self, events: Sequence[Event]) -> None:
         """Append ``events``; see the class docstring."""
+        await render_events(events)
         async with self._lock:
             await trio.to_thread.run_sync(self._write, events)
 
@@ -209,7 +211,8 @@ class StdoutSink(Sink):
         self._stream = stream if stream is not None else sys.stdout.buffer
 
     async def deliver(self, events: Sequence[Event]) -> None:
-        """Write and flush ``events`` (rendered in a worker thread)."""
+        """Write and flush ``events``."""
+        await render_events(events)
         await trio.to_thread.run_sync(self._write, events)
 
     def _write(self, events: Sequence[Event]) -> None:
