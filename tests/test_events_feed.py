@@ -31,6 +31,7 @@ from trio_websocket import (
 
 from trio_llmproxy import serve
 from trio_llmproxy._server import ServerHandle
+from trio_llmproxy._tail import MAX_FEED_MESSAGE_BYTES
 
 HANG_GUARD_SECONDS = 15
 TOKEN = "feed-token-0123456789abcdef"
@@ -68,6 +69,8 @@ async def feed_client(
                 "/",
                 extra_headers=headers or [],
                 message_queue_size=message_queue_size,
+                # As large as tail takes: events carry whole bodies.
+                max_message_size=MAX_FEED_MESSAGE_BYTES,
             )
             yield connection
             await connection.aclose()
@@ -272,12 +275,13 @@ def test_non_loopback_feed_without_token_exits_2_with_one_line() -> None:
 async def test_slow_feed_client_loses_only_its_own_events(
     tmp_path: Path, mock_upstream_url: str
 ) -> None:
-    # Answers of 300 kB: a few fill the loopback socket buffers of a client
-    # that does not read, and its buffer of 8 events is soon full.
-    big = {"X-Mock-Chunk-Count": "1", "X-Mock-Chunk-Size": "300000"}
-    requests = 40
+    # Answers of 1 MB: a few fill the loopback socket buffers of a client
+    # that does not read, and then its own buffer in the feed (32 MiB), far
+    # below the sinks' (1000 events of up to 4 MiB each), is soon full.
+    big = {"X-Mock-Chunk-Count": "1", "X-Mock-Chunk-Size": "1000000"}
+    requests = 60
     sink = RecordingSink()
-    config = feed_config(tmp_path, mock_upstream_url, buffer_size=8)
+    config = feed_config(tmp_path, mock_upstream_url)
 
     with trio.fail_after(HANG_GUARD_SECONDS * 2):
         async with trio.open_nursery() as nursery:

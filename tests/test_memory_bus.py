@@ -79,6 +79,35 @@ async def test_slow_subscriber_loses_only_its_own_events() -> None:
     assert stats.dropped == 0
 
 
+async def test_subscriber_with_its_own_small_buffer_drops_alone() -> None:
+    bus = InMemoryEventBus(buffer_size=100)
+
+    async with bus.subscribe("viewer", buffer_size=2), bus.subscribe("sink"):
+        for number in range(10):
+            bus.publish(make_event(number))
+        stats = bus.statistics()
+
+    assert stats.subscribers["viewer"].dropped == 8
+    assert stats.subscribers["sink"].dropped == 0
+    assert stats.subscribers["sink"].buffered == 10
+
+
+async def test_subscriber_with_its_own_byte_budget_drops_alone() -> None:
+    bus = InMemoryEventBus()
+    body = b"x" * 1000
+
+    async with (
+        bus.subscribe("viewer", max_buffered_bytes=2500),
+        bus.subscribe("sink"),
+    ):
+        for number in range(5):
+            bus.publish(make_event(number, response_body=body))
+        stats = bus.statistics()
+
+    assert stats.subscribers["viewer"].buffered == 2
+    assert stats.subscribers["sink"].buffered == 5
+
+
 async def test_batches_hold_at_most_batch_size_events() -> None:
     bus = InMemoryEventBus()
 

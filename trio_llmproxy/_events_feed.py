@@ -56,10 +56,15 @@ from trio_websocket import (
 from ._bus import EventBus, Subscription
 from ._config import check_events_feed, parse_events_feed_address
 from ._event import Event
+from ._memory_bus import InMemoryEventBus
 from ._rendering import render_events
 
 #: Events rendered and sent together.
 SEND_BATCH_EVENTS: Final = 16
+#: What may wait for one tail: a viewer that falls this far behind loses
+#: events rather than holding the memory of the sinks' whole buffer.
+CLIENT_BUFFER_EVENTS: Final = 256
+CLIENT_BUFFER_BYTES: Final = 32 * 1024 * 1024
 #: How long clients get, once the feed stops, to receive what is left.
 CLOSE_GRACE_SECONDS: Final = 1.0
 #: The closing handshake with one client, after the grace period.
@@ -141,10 +146,15 @@ class _Client:
     sent: int = 0
     dropped: int = 0
 
-    async def serve(self, bus: EventBus) -> None:
+    async def serve(self, bus: InMemoryEventBus) -> None:
         """Send every event of ``bus`` until it closes or the client leaves."""
         async with (
-            bus.subscribe(self.name, batch_size=SEND_BATCH_EVENTS) as subscription,
+            bus.subscribe(
+                self.name,
+                batch_size=SEND_BATCH_EVENTS,
+                buffer_size=CLIENT_BUFFER_EVENTS,
+                max_buffered_bytes=CLIENT_BUFFER_BYTES,
+            ) as subscription,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._watch_client, nursery.cancel_scope)
@@ -233,7 +243,7 @@ class EventsFeed:
 
     async def serve(
         self,
-        bus: EventBus,
+        bus: InMemoryEventBus,
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -273,7 +283,7 @@ class EventsFeed:
             listener.cancel()
             clients.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
 
-    async def _handle(self, bus: EventBus, request: WebSocketRequest) -> None:
+    async def _handle(self, bus: InMemoryEventBus, request: WebSocketRequest) -> None:
         peer = _peer_of(request)
         try:
             await self._serve_client(bus, request, peer)
@@ -285,7 +295,7 @@ class EventsFeed:
             logger.exception("events feed: the connection of %s failed", peer)
 
     async def _serve_client(
-        self, bus: EventBus, request: WebSocketRequest, peer: str
+        self, bus: InMemoryEventBus, request: WebSocketRequest, peer: str
     ) -> None:
         token = None if self._token is None else self._token.encode()
         refusal = _refusal(request, token)

@@ -176,15 +176,28 @@ class InMemoryEventBus(EventBus):
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_SECONDS,
+        buffer_size: int | None = None,
+        max_buffered_bytes: int | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to every event published from now on.
 
         Leaving the block unsubscribes; what was still waiting is discarded.
+        ``buffer_size`` and ``max_buffered_bytes``, when given, replace the
+        bus's limits for this subscriber alone (a smaller buffer for a
+        subscriber that may fall behind, such as a live viewer).
         """
         if batch_size <= 0:
             msg = f"batch_size must be > 0, got {batch_size!r}"
             raise ValueError(msg)
-        send, receive = trio.open_memory_channel[Event](self._buffer_size)
+        if buffer_size is not None and buffer_size <= 0:
+            msg = f"buffer_size must be > 0, got {buffer_size!r}"
+            raise ValueError(msg)
+        if max_buffered_bytes is not None and max_buffered_bytes <= 0:
+            msg = f"max_buffered_bytes must be > 0, got {max_buffered_bytes!r}"
+            raise ValueError(msg)
+        send, receive = trio.open_memory_channel[Event](
+            self._buffer_size if buffer_size is None else buffer_size
+        )
         subscription = _MemorySubscription(
             name,
             send,
@@ -192,7 +205,7 @@ class InMemoryEventBus(EventBus):
             batch_size,
             flush_interval,
             DropWarning(f"subscriber {name!r} is too slow"),
-            self._max_bytes,
+            self._max_bytes if max_buffered_bytes is None else max_buffered_bytes,
         )
         if self._closed:
             send.close()
