@@ -9,6 +9,8 @@ runs under a hang guard.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -35,6 +37,14 @@ from trio_llmproxy._tail import MAX_FEED_MESSAGE_BYTES
 
 HANG_GUARD_SECONDS = 15
 TOKEN = "feed-token-0123456789abcdef"
+# What port scanners, health checks and confused clients send a feed.
+NOT_WEBSOCKET = {
+    "plain-http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "garbage": b"\x00" * 100,
+    "half-a-head": b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n",
+    "nothing": b"",
+}
+STORM_CONNECTIONS = 200
 
 
 def feed_config(tmp_path: Path, upstream: str, **overrides: Any) -> Any:
@@ -102,6 +112,35 @@ async def read_until_closed(connection: WebSocketConnection) -> list[str]:
             messages.append(message)
     except ConnectionClosed:
         return messages
+
+
+async def connect_badly(url: str, payload: bytes, *, reset: bool) -> None:
+    """Send ``payload`` to the feed, then close the socket or reset it."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    with trio.socket.socket() as sock:
+        await sock.connect((parts.hostname, parts.port))
+        if payload:
+            await sock.send(payload)
+        if reset:
+            # Linger 0: close() sends RST, as port scanners do.
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+
+
+async def feed_and_proxy_still_serve(handle: ServerHandle) -> str:
+    """Send one request; return what a new feed client receives of it."""
+    assert handle.events_feed is not None
+    async with (
+        feed_client(handle.events_feed) as feed,
+        httpx.AsyncClient(base_url=handle.addresses[0]) as client,
+    ):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        message = await feed.get_message()
+    assert isinstance(message, str)
+    return message
 
 
 def split_notices(messages: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
@@ -374,6 +413,46 @@ async def test_feed_clients_that_vanish_leave_the_proxy_and_the_feed_serving(
 
     assert response.status_code == 200
     assert isinstance(message, str)
+    assert orjson.loads(message)["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+@pytest.mark.parametrize("payload", NOT_WEBSOCKET.values(), ids=NOT_WEBSOCKET.keys())
+async def test_feed_connection_that_is_not_websocket_ends_only_itself(
+    payload: bytes, reset: bool, tmp_path: Path, mock_upstream_url: str
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            for _ in range(3):
+                await connect_badly(handle.events_feed, payload, reset=reset)
+            message = await feed_and_proxy_still_serve(handle)
+            handle.shutdown()
+
+    assert orjson.loads(message)["path"] == "/v1/chat/completions"
+
+
+async def test_storm_of_bad_feed_connections_leaves_proxy_and_feed_serving(
+    tmp_path: Path, mock_upstream_url: str
+) -> None:
+    kinds = [(p, r) for p in NOT_WEBSOCKET.values() for r in (True, False)]
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            async with trio.open_nursery() as storm:
+                for number in range(STORM_CONNECTIONS):
+                    payload, reset = kinds[number % len(kinds)]
+                    storm.start_soon(
+                        partial(connect_badly, handle.events_feed, payload, reset=reset)
+                    )
+            message = await feed_and_proxy_still_serve(handle)
+            handle.shutdown()
+
     assert orjson.loads(message)["path"] == "/v1/chat/completions"
 
 

@@ -12,12 +12,18 @@ because it read too slowly, it gets a notice before the next event::
 ``total_dropped`` those lost since the client connected. No event has an
 ``events_feed_notice`` field.
 
-Each connected client is one more subscriber of the in-process bus, with
-the bus's buffer (``--buffer-size`` events, and a cap on the bytes of bodies
-waiting) like any other subscriber. Its task renders the events in a worker
-thread (as the sinks do) and sends them. A client that reads slowly fills
-only its own buffer and loses only its own events, counted by the bus: the
-request path and the other subscribers never wait for it.
+Each connected client is one more subscriber of the in-process bus, with a
+buffer of its own (:data:`CLIENT_BUFFER_EVENTS` events and
+:data:`CLIENT_BUFFER_BYTES` of bodies waiting). Its task renders the events
+in a worker thread (as the sinks do) and sends them. A client that reads
+slowly fills only its own buffer and loses only its own events, counted by
+the bus: the request path and the other subscribers never wait for it.
+
+Each connection runs in a handler of the feed's own, around trio-websocket's
+server side of it (:func:`trio_websocket.wrap_server_stream`): whatever the
+client does (reset the socket, send something that is not WebSocket) and
+whatever trio-websocket raises about it ends that connection only, with one
+DEBUG line.
 
 Access: a client that sends an ``Origin`` header (every browser does) is
 refused with 403, so that a web page cannot read the feed of an operator's
@@ -49,9 +55,9 @@ from trio_websocket import (
     Endpoint,
     WebSocketConnection,
     WebSocketRequest,
-    WebSocketServer,
-    serve_websocket,
+    wrap_server_stream,
 )
+from wsproto.utilities import ProtocolError
 
 from ._bus import EventBus, Subscription
 from ._config import check_events_feed, parse_events_feed_address
@@ -76,6 +82,15 @@ MAX_CLIENT_MESSAGE_BYTES: Final = 4096
 #: WebSocket close code "going away": the server is shutting down.
 GOING_AWAY: Final = 1001
 SUBSCRIBER_PREFIX: Final = "events-feed-"
+#: What a client that breaks off, resets or speaks something other than
+#: WebSocket raises, from trio-websocket's tasks as well as from ours.
+_CONNECTION_TROUBLE: Final = (
+    ConnectionClosed,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ProtocolError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,22 +110,17 @@ def _notice(dropped: int, total: int) -> str:
     return orjson.dumps(notice).decode("ascii")
 
 
-def _address_of(server: WebSocketServer) -> str:
-    # One listener: a numeric host (or localhost, resolved) binds one socket.
-    endpoint = server.listeners[0]
-    if not isinstance(endpoint, Endpoint):
-        return str(endpoint)
-    return f"{endpoint.url}/"
+def _address_of(listener: trio.SocketListener) -> str:
+    host, port, *_ = listener.socket.getsockname()
+    return f"{Endpoint(host, port, is_ssl=False).url}/"
 
 
-def _peer_of(request: WebSocketRequest) -> str:
+def _peer_of(stream: trio.SocketStream) -> str:
     try:
-        remote = request.remote
+        host, port, *_ = stream.socket.getpeername()
     except OSError:  # the client is gone already
         return "a client"
-    if isinstance(remote, Endpoint):
-        return f"{remote.address}:{remote.port}"
-    return remote
+    return f"{host}:{port}"
 
 
 def _header(request: WebSocketRequest, name: bytes) -> bytes | None:
@@ -257,42 +267,61 @@ class EventsFeed:
         if host.lower() == "localhost":
             # One socket, so one port even for port 0 (not ::1 and 127.0.0.1).
             host = "127.0.0.1"
+        listeners = await trio.open_tcp_listeners(int(port), host=host)
+        address = _address_of(listeners[0])
+        # Each connection gets a handler of ours, which owns all of
+        # trio-websocket's work for it: see _handle.
         handler = partial(self._handle, bus)
         async with trio.open_nursery() as clients:
-            listener = trio.CancelScope()
+            accepting = trio.CancelScope()
 
-            async def listen(*, task_status: trio.TaskStatus[object]) -> None:
-                with listener:
-                    await serve_websocket(
+            async def accept(*, task_status: trio.TaskStatus[object]) -> None:
+                with accepting:
+                    await trio.serve_listeners(
                         handler,
-                        host,
-                        int(port),
-                        None,
+                        listeners,
                         handler_nursery=clients,
-                        max_message_size=MAX_CLIENT_MESSAGE_BYTES,
-                        connect_timeout=HANDSHAKE_TIMEOUT_SECONDS,
-                        disconnect_timeout=CLOSE_HANDSHAKE_SECONDS,
                         task_status=task_status,
                     )
 
-            server: WebSocketServer = await clients.start(listen)
-            address = _address_of(server)
+            await clients.start(accept)
             logger.info("events feed on %s", address)
             task_status.started(address)
             await self._stopping.wait()
-            listener.cancel()
+            accepting.cancel()
             clients.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
 
-    async def _handle(self, bus: InMemoryEventBus, request: WebSocketRequest) -> None:
-        peer = _peer_of(request)
+    async def _handle(self, bus: InMemoryEventBus, stream: trio.SocketStream) -> None:
+        """Serve one connection; whatever happens to it ends only it.
+
+        The handlers run in the feed's nursery, inside the event pipeline's.
+        trio-websocket's reader task raises from inside the connection's
+        nursery (a client that resets the socket while its bad request is
+        answered 400, say), so the guard is around that nursery, not only
+        around our part of the work.
+        """
+        peer = _peer_of(stream)
         try:
-            await self._serve_client(bus, request, peer)
-        except ConnectionClosed:
-            logger.debug("events feed: %s left during the handshake", peer)
-        except Exception:
-            # The handlers run in the feed's nursery, inside the event
-            # pipeline's: one client's failure must end only its connection.
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=MAX_CLIENT_MESSAGE_BYTES
+                    )
+                if request is not None:
+                    await self._serve_client(bus, request, peer)
+                # Ends trio-websocket's reader task, done or not.
+                nursery.cancel_scope.cancel()
+        except* _CONNECTION_TROUBLE as group:
+            logger.debug(
+                "events feed: the connection of %s broke off: %r",
+                peer,
+                group.exceptions[0],
+            )
+        except* Exception:
             logger.exception("events feed: the connection of %s failed", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _serve_client(
         self, bus: InMemoryEventBus, request: WebSocketRequest, peer: str
