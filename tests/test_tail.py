@@ -36,11 +36,16 @@ from trio_websocket import open_websocket_url
 
 from trio_llmproxy import serve
 from trio_llmproxy._server import ServerHandle
-from trio_llmproxy._tail import EventFilter, Printer
+from trio_llmproxy._tail import EventFilter, Printer, format_line
 
 HANG_GUARD_SECONDS = 20
 STREAM = "llm-proxy-events"
 TOKEN = "tail-token-0123456789abcdef"
+# A notice of dropped events whose counts are terminal escape sequences.
+HOSTILE_NOTICE = (
+    '{"events_feed_notice":"dropped","dropped":"\\u001b]0;pwned\\u0007",'
+    '"total_dropped":"\\u001b[31mRED"}'
+)
 POLL_SECONDS = 0.02
 POLLS = 500
 LINE = re.compile(
@@ -548,12 +553,44 @@ async def test_tail_sends_the_feed_token_from_its_variable(
     assert status == 0
 
 
-def test_feed_notice_of_dropped_events_becomes_a_warning_line() -> None:
+@pytest.mark.redis
+async def test_tail_skips_a_notice_written_to_redis_without_showing_its_text(
+    nursery: trio.Nursery, tmp_path: Path, mock_upstream_url: str, redis_url: str
+) -> None:
+    proxy = await start_proxy(nursery, tmp_path, mock_upstream_url, "redis", redis_url)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with running_tail(*proxy.tail_args) as tail:
+            await proxy.wait_until_tail_reads(tail)
+            async with coredis.Redis.from_url(redis_url) as client:
+                await client.xadd(STREAM, {"event": HOSTILE_NOTICE})
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                await client.get("/v1/models")
+            line = (await tail.wait_for_lines(1))[0]
+            await tail.interrupt()
+
+    assert parsed(line)["path"] == "/v1/models"
+    assert tail.errors == [
+        "llm-proxy tail: skipped a notice that did not come from an events feed"
+    ]
+
+
+def printer_for_feed() -> tuple[Printer, list[str], list[str]]:
+    """A printer of a feed's messages, and the lines and warnings it shows."""
     lines: list[str] = []
     warnings: list[str] = []
     printer = Printer(
-        EventFilter(), json_output=False, write=lines.append, warn=warnings.append
+        EventFilter(),
+        json_output=False,
+        write=lines.append,
+        warn=warnings.append,
+        notices=True,
     )
+    return printer, lines, warnings
+
+
+def test_feed_notice_of_dropped_events_becomes_a_warning_line() -> None:
+    printer, lines, warnings = printer_for_feed()
 
     printer('{"events_feed_notice":"dropped","dropped":3,"total_dropped":5}')
 
@@ -561,3 +598,64 @@ def test_feed_notice_of_dropped_events_becomes_a_warning_line() -> None:
     assert warnings == [
         "the feed dropped 3 event(s) this tail did not read in time (5 in all)"
     ]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        '"dropped":"\\u001b]0;pwned\\u0007","total_dropped":"\\u001b[31mRED"',
+        '"dropped":true,"total_dropped":true',
+        '"dropped":-1,"total_dropped":5',
+        '"dropped":1.5,"total_dropped":5',
+        '"total_dropped":5',
+    ],
+    ids=["escape-sequences", "booleans", "negative", "fraction", "missing"],
+)
+def test_feed_notice_without_integer_counts_is_skipped_with_a_fixed_warning(
+    counts: str,
+) -> None:
+    printer, lines, warnings = printer_for_feed()
+
+    printer(f'{{"events_feed_notice":"dropped",{counts}}}')
+
+    assert lines == []
+    assert warnings == ["skipped a malformed notice of dropped events"]
+
+
+def test_notice_from_a_source_other_than_the_feed_is_not_honoured() -> None:
+    lines: list[str] = []
+    warnings: list[str] = []
+    printer = Printer(
+        EventFilter(), json_output=False, write=lines.append, warn=warnings.append
+    )
+
+    printer(HOSTILE_NOTICE)
+
+    assert lines == []
+    assert warnings == ["skipped a notice that did not come from an events feed"]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": True, "output_tokens": 1},
+        {"input_tokens": 1, "output_tokens": False},
+        {"input_tokens": "1", "output_tokens": 1},
+    ],
+    ids=["true-in", "false-out", "text-in"],
+)
+def test_line_leaves_out_token_counts_that_are_not_integers(
+    usage: dict[str, Any],
+) -> None:
+    event = {"status": 200, "method": "POST", "path": "/v1/x", "llm": {"usage": usage}}
+
+    line = format_line(event)
+
+    assert "tokens=" not in line
+
+
+def test_line_shows_integer_token_counts() -> None:
+    usage = {"input_tokens": 0, "output_tokens": 7}
+    event = {"status": 200, "method": "POST", "path": "/v1/x", "llm": {"usage": usage}}
+
+    assert " tokens=0+7 " in format_line(event)

@@ -825,6 +825,7 @@ def tail_command(**options: Any) -> None:
         json_output=options["json_output"],
         write=_write_line,
         warn=_warn,
+        notices=feed is not None,
     )
     _run_tail(source, printer, options["reconnect_for"])
 
@@ -873,14 +874,16 @@ def _write_line(line: str) -> None:
 
 
 def _warn(message: str) -> None:
-    click.echo(f"llm-proxy tail: {message}", err=True)
+    from ._tail import printable
+
+    click.echo(f"llm-proxy tail: {printable(message)}", err=True)
 
 
 def _run_tail(
     source: Source, printer: Callable[[str], None], reconnect_seconds: float
 ) -> None:
     """Follow ``source`` until SIGINT or SIGTERM (exit 0) or a failure (exit 1)."""
-    from ._tail import TailError, follow
+    from ._tail import TailError, follow, printable
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -898,7 +901,9 @@ def _run_tail(
     try:
         trio.run(main)
     except* TailError as group:
-        click.echo(f"llm-proxy: error: {group.exceptions[0]}", err=True)
+        # The reason can come from the network (a Redis error, say).
+        message = printable(str(group.exceptions[0]))
+        click.echo(f"llm-proxy: error: {message}", err=True)
         sys.exit(1)
     except* _OutputClosed:
         # The reader of our output left (`tail | head`): nothing to say.

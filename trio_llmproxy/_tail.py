@@ -157,10 +157,19 @@ def _status_matches(status: str, wanted: str) -> bool:
     return status == wanted
 
 
-def _printable(text: str) -> str:
-    # Paths and methods come from clients: keep their control characters
-    # (terminal escape sequences) off the operator's terminal.
+def printable(text: str) -> str:
+    """Return ``text`` with each character that is not printable as ``?``.
+
+    Paths and methods come from clients, and reasons from the network: this
+    keeps their control characters (terminal escape sequences) off the
+    operator's terminal.
+    """
     return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _is_count(value: object) -> bool:
+    # JSON's true and false arrive as bool, a subclass of int: not counts.
+    return type(value) is int and value >= 0
 
 
 def _milliseconds(value: object) -> str:
@@ -187,19 +196,19 @@ def format_line(event: Mapping[str, Any]) -> str:
     if ttft is None:
         ttft = event.get("ttfb_ms")
     parts = [
-        _printable(timestamp),
-        _printable(str(event.get("status", "-"))),
-        _printable(str(event.get("method", "-"))),
-        _printable(str(event.get("path", "-"))),
+        printable(timestamp),
+        printable(str(event.get("status", "-"))),
+        printable(str(event.get("method", "-"))),
+        printable(str(event.get("path", "-"))),
         _milliseconds(event.get("duration_ms")),
         f"ttft={_milliseconds(ttft)}",
     ]
     usage = llm.get("usage")
     if isinstance(usage, Mapping):
         tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
-        if isinstance(tokens_in, int) and isinstance(tokens_out, int):
+        if _is_count(tokens_in) and _is_count(tokens_out):
             parts.append(f"tokens={tokens_in}+{tokens_out}")
-    parts.append(_printable(str(event.get("outcome", "-"))))
+    parts.append(printable(str(event.get("outcome", "-"))))
     return " ".join(parts)
 
 
@@ -213,12 +222,17 @@ class Printer:
             line, rather than the summary.
         write: writes one line (with its newline) to the output and flushes.
         warn: shows one warning line to the operator.
+        notices: whether messages with an ``events_feed_notice`` field are
+            the source's notices (true of the events feed only). No event
+            has that field: from any other source, such as a Redis stream
+            that anyone with access can write to, they are skipped.
     """
 
     event_filter: EventFilter
     json_output: bool
     write: Callable[[str], None]
     warn: Callable[[str], None]
+    notices: bool = False
 
     def __call__(self, message: str) -> None:
         try:
@@ -230,18 +244,27 @@ class Printer:
             self.warn("skipped a message that is not a JSON object")
             return
         if NOTICE_FIELD in data:
-            self._notice(data)
+            if self.notices:
+                self._notice(data)
+            else:
+                self.warn("skipped a notice that did not come from an events feed")
             return
         if not self.event_filter.matches(data):
             return
         self.write((message if self.json_output else format_line(data)) + "\n")
 
     def _notice(self, notice: Mapping[str, Any]) -> None:
-        if notice.get(NOTICE_FIELD) == "dropped":
-            self.warn(
-                f"the feed dropped {notice.get('dropped')} event(s) this tail "
-                f"did not read in time ({notice.get('total_dropped')} in all)"
-            )
+        if notice.get(NOTICE_FIELD) != "dropped":
+            return  # a kind of notice from a newer server
+        dropped, total = notice.get("dropped"), notice.get("total_dropped")
+        if not (_is_count(dropped) and _is_count(total)):
+            # Only integers reach the terminal, never the notice's text.
+            self.warn("skipped a malformed notice of dropped events")
+            return
+        self.warn(
+            f"the feed dropped {dropped} event(s) this tail "
+            f"did not read in time ({total} in all)"
+        )
 
 
 def _first_rejection(
