@@ -239,6 +239,15 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
             {},
             "--reconnect-for",
         ),
+        (["tail", "--feed", "ws://[::1/"], {}, "--feed"),
+        (["tail", "--feed", "ws://[not-an-ip]:1/"], {}, "--feed"),
+        (["tail", "--feed", "ws://:8181/"], {}, "--feed"),
+        (["tail", "--feed", "ws://127.0.0.1:x/"], {}, "--feed"),
+        (["tail", "--feed", "ws://127.0.0.1:70000/"], {}, "--feed"),
+        (["tail", "--feed", "ws://127.0.0.1:0/"], {}, "--feed"),
+        (["tail", "--feed", "127.0.0.1:8181"], {}, "--feed"),
+        (["tail"], {"TAIL_FEED_URL": "ws://[::1/"}, "TAIL_FEED_URL"),
+        (["server", "--upstream", "http://[::1/"], {}, "--upstream"),
     ],
     ids=[
         "port-out-of-range",
@@ -265,6 +274,15 @@ def test_console_script_is_the_same_program_as_python_m() -> None:
         "tail-two-source-flags",
         "tail-two-source-variables",
         "tail-negative-reconnect",
+        "tail-feed-unclosed-ipv6-bracket",
+        "tail-feed-brackets-without-address",
+        "tail-feed-without-host",
+        "tail-feed-port-not-a-number",
+        "tail-feed-port-out-of-range",
+        "tail-feed-port-0",
+        "tail-feed-without-scheme",
+        "tail-feed-variable-unclosed-bracket",
+        "upstream-unclosed-ipv6-bracket",
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_it(
@@ -315,6 +333,62 @@ def test_busy_listen_port_exits_2_with_one_line_naming_it() -> None:
     assert len(lines) == 1, result.stderr
     assert "--listen" in lines[0]
     assert "in use" in lines[0]
+
+
+def test_malformed_url_in_an_error_line_hides_its_password() -> None:
+    result = run_cli("tail", "--feed", "ws://viewer:hunter2-secret@[::1/")
+
+    assert result.returncode == 2
+    assert "hunter2-secret" not in result.stderr
+    assert "ws://***@[::1/" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "feed"),
+    [
+        ("127.0.0.1:{port}", "127.0.0.1:{port}"),
+        ("127.0.0.1:{port}", "{port}"),
+        ("0.0.0.0:{port}", "127.0.0.1:{port}"),
+        ("localhost:{port}", "127.0.0.1:{port}"),
+    ],
+    ids=["same-address", "feed-port-alone", "wildcard-listen", "localhost"],
+)
+def test_feed_on_the_proxy_port_exits_2_with_one_line(listen: str, feed: str) -> None:
+    port = free_port()
+
+    result = run_cli(
+        "server",
+        "--listen",
+        listen.format(port=port),
+        "--events-feed",
+        feed.format(port=port),
+    )
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--events-feed" in lines[0]
+    assert "own port" in lines[0]
+
+
+def test_listen_port_taken_by_the_feed_at_bind_time_exits_2_with_one_line() -> None:
+    # The check at start-up sees two different addresses, but an IPv6 socket
+    # on an IPv4-mapped address takes the IPv4 port too: binding fails.
+    port = free_port()
+
+    result = run_cli(
+        "server",
+        "--listen",
+        f"[::ffff:127.0.0.1]:{port}",
+        "--events-feed",
+        f"127.0.0.1:{port}",
+    )
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm-proxy: error: invalid value for --listen")
+    assert "in use" in last
 
 
 @attrs.define

@@ -23,8 +23,10 @@ import trio
 from click.core import ParameterSource
 
 from ._config import (
+    ListenFailed,
     ProxyConfig,
     check_events_feed,
+    check_events_feed_apart,
     check_events_feed_token,
     check_http_url,
     check_metrics_path,
@@ -427,7 +429,9 @@ def cli() -> None:
 @_log_level_option()
 def server_command(**options: Any) -> None:
     """Run the proxy."""
-    _check_events_feed(options["events_feed"], options["events_feed_token"])
+    _check_events_feed(
+        options["listen"], options["events_feed"], options["events_feed_token"]
+    )
     _setup_logging(options.pop("log_level"))
     config = ProxyConfig(
         listen=options["listen"],
@@ -453,17 +457,29 @@ def server_command(**options: Any) -> None:
     )
     if config.file_event_log is not None:
         _check_event_log(config.file_event_log)
-    _run_until_signal(partial(serve, config), ServerHandle.shutdown)
+    try:
+        _run_until_signal(partial(serve, config), ServerHandle.shutdown)
+    except* ListenFailed as group:
+        # Free when checked at start-up, but taken by the time it was bound
+        # (or by the server's other listener, under another name).
+        failure = group.exceptions[0]
+        while isinstance(failure, BaseExceptionGroup):  # nurseries nest them
+            failure = failure.exceptions[0]
+        assert isinstance(failure, ListenFailed)
+        hint = _hint(failure.setting)
+        raise click.BadParameter(str(failure), param_hint=hint) from None
 
 
-def _check_events_feed(address: str | None, token: str | None) -> None:
+def _check_events_feed(listen: str, address: str | None, token: str | None) -> None:
     try:
         check_events_feed(address, token)
+        check_events_feed_apart(listen, address)
     except ConfigError as exc:
         msg = str(exc).replace(
             "set events_feed_token", f"set {_hint('events_feed_token')}"
         )
         msg = msg.replace(f"events_feed {address!r}", repr(address))
+        msg = msg.replace("(listen is ", f"({_hint('listen')} is ")
         raise click.BadParameter(msg, param_hint=_hint("events_feed")) from exc
 
 

@@ -14,12 +14,25 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 
 from ._errors import ConfigError
 from ._redact import redact_url
+
+
+class ListenFailed(ConfigError):
+    """A listener could not be bound: the port is taken, or the host not ours.
+
+    Attributes:
+        setting: the setting whose address it was (``listen`` or
+            ``events_feed``), for the CLI to name its flag.
+    """
+
+    def __init__(self, setting: str, address: str, exc: OSError) -> None:
+        self.setting = setting
+        super().__init__(f"cannot listen on {address!r}: {exc.strerror or exc}")
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -50,19 +63,21 @@ def check_http_url(value: str, *, what: str = "URL") -> str:
     Raises:
         ConfigError: it is not an absolute http:// or https:// URL with a host.
     """
-    parts = urlsplit(value)
+    shown = display_url(value)
+    expected = f"{what} must be an http:// or https:// URL with a host, got {shown!r}"
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # brackets that hold no IPv6 address
+        msg = f"{expected}: {exc}"
+        raise ConfigError(msg) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        shown = display_url(value)
-        msg = f"{what} must be an http:// or https:// URL with a host, got {shown!r}"
-        raise ConfigError(msg)
+        raise ConfigError(expected)
     if parts.query or parts.fragment:
-        shown = display_url(value)
         msg = f"{what} must not have a query or fragment, got {shown!r}"
         raise ConfigError(msg)
     try:
         parts.port  # noqa: B018  (reading it checks the port)
     except ValueError:
-        shown = display_url(value)
         msg = f"{what} has a port outside 1-65535 or not a number: {shown!r}"
         raise ConfigError(msg) from None
     return value.rstrip("/")
@@ -81,13 +96,17 @@ def display_url(url: str) -> str:
     try:
         return redact_url(url)
     except ValueError:
-        # redact_url needs a valid port; hide any credentials by hand instead.
-        parts = urlsplit(url)
-        _, sep, host = parts.netloc.rpartition("@")
+        # redact_url needs a URL that urlsplit takes apart (a valid port, and
+        # brackets around an IPv6 address only); hide any credentials by hand.
+        scheme, sep, rest = url.partition("://")
         if not sep:
             return url
-        netloc = f"***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        ends = [i for i in map(rest.find, "/?#") if i >= 0]
+        end = min(ends, default=len(rest))
+        _, at, host = rest[:end].rpartition("@")
+        if not at:
+            return url
+        return f"{scheme}://***@{host}{rest[end:]}"
 
 
 def check_redis_url(url: str) -> None:
@@ -258,6 +277,42 @@ def check_events_feed(address: str | None, token: str | None) -> None:
         raise ConfigError(msg)
 
 
+def _bound_by(host: str) -> set[str]:
+    # The names a listener on ``host`` answers to; "*" for every address.
+    name = host.lower()
+    if name in ("", "0.0.0.0", "::"):
+        return {"*"}
+    if name == "localhost":
+        return {name, "127.0.0.1", "::1"}
+    try:
+        return {str(ipaddress.ip_address(name))}
+    except ValueError:
+        return {name}
+
+
+def check_events_feed_apart(listen: str, address: str | None) -> None:
+    """Refuse an events feed on the proxy's own address and port.
+
+    Raises:
+        ConfigError: both use the same port (not 0) on hosts that overlap:
+            the same address, ``localhost`` and a loopback address, or a
+            wildcard such as ``0.0.0.0`` and any other.
+    """
+    if address is None:
+        return
+    listen_host, listen_port = parse_listen_address(listen)
+    feed_host, feed_port = parse_listen_address(address)
+    if listen_port == 0 or listen_port != feed_port:
+        return
+    listen_names, feed_names = _bound_by(listen_host), _bound_by(feed_host)
+    if "*" in listen_names | feed_names or listen_names & feed_names:
+        msg = (
+            f"events_feed {address!r} is on the proxy's own port (listen is "
+            f"{listen!r}); give the feed a port of its own"
+        )
+        raise ConfigError(msg)
+
+
 def _optional_feed_address(value: str | None) -> str | None:
     return None if value is None or value == "" else parse_events_feed_address(value)
 
@@ -331,6 +386,7 @@ class ProxyConfig:
 
     def __attrs_post_init__(self) -> None:
         check_events_feed(self.events_feed, self.events_feed_token)
+        check_events_feed_apart(self.listen, self.events_feed)
 
     @property
     def listen_host(self) -> str:

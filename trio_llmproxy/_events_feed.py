@@ -60,7 +60,7 @@ from trio_websocket import (
 from wsproto.utilities import ProtocolError
 
 from ._bus import EventBus, Subscription
-from ._config import check_events_feed, parse_events_feed_address
+from ._config import ListenFailed, check_events_feed, parse_events_feed_address
 from ._event import Event
 from ._memory_bus import InMemoryEventBus
 from ._rendering import render_events
@@ -236,7 +236,8 @@ class EventsFeed:
 
     Raises:
         ConfigError: ``listen`` is malformed, or it is not loopback and no
-            token is given.
+            token is given. :meth:`serve` raises :class:`ListenFailed` when
+            it cannot bind ``listen``.
     """
 
     listen: str = attrs.field(converter=parse_events_feed_address)
@@ -267,7 +268,10 @@ class EventsFeed:
         if host.lower() == "localhost":
             # One socket, so one port even for port 0 (not ::1 and 127.0.0.1).
             host = "127.0.0.1"
-        listeners = await trio.open_tcp_listeners(int(port), host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(int(port), host=host)
+        except OSError as exc:
+            raise ListenFailed("events_feed", self.listen, exc) from exc
         address = _address_of(listeners[0])
         # Each connection gets a handler of ours, which owns all of
         # trio-websocket's work for it: see _handle.

@@ -32,7 +32,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ._app import create_app
 from ._bus import EventBus
-from ._config import ProxyConfig
+from ._config import ListenFailed, ProxyConfig
 from ._dispatch import Dispatcher
 from ._event import Event
 from ._events_feed import SUBSCRIBER_PREFIX, EventsFeed
@@ -96,6 +96,12 @@ def hypercorn_config(config: ProxyConfig) -> HypercornConfig:
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     return hyper
+
+
+def _first_of(group: BaseExceptionGroup[OSError]) -> OSError:
+    # Hypercorn's nurseries nest the group once per level.
+    first = group.exceptions[0]
+    return first if isinstance(first, OSError) else _first_of(first)
 
 
 def _default_sinks(config: ProxyConfig) -> list[Sink]:
@@ -286,6 +292,10 @@ async def serve(
         sinks: sinks to feed besides ``config.file_event_log``; ``serve``
             enters them and closes them.
         enrich: optional hook that returns each event to publish.
+
+    Raises:
+        ListenFailed: ``config.listen`` or ``config.events_feed`` cannot be
+            bound (the port is taken, say), before anything is served.
     """
     shutdown_requested = trio.Event()
     shutdown_started: list[float] = []
@@ -321,16 +331,20 @@ async def serve(
                 going_away=shutdown_requested,
             )
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(
-                    partial(
-                        hypercorn_serve,
-                        # Hypercorn types apps with its own TypedDicts; ours
-                        # use plain mappings of the same ASGI messages.
-                        app,  # type: ignore[arg-type]
-                        hypercorn_config(config),
-                        shutdown_trigger=wait_for_shutdown,
-                    )
+                hypercorn = partial(
+                    hypercorn_serve,
+                    # Hypercorn types apps with its own TypedDicts; ours use
+                    # plain mappings of the same ASGI messages.
+                    app,  # type: ignore[arg-type]
+                    hypercorn_config(config),
+                    shutdown_trigger=wait_for_shutdown,
                 )
+                try:
+                    addresses = await nursery.start(hypercorn)
+                except* OSError as group:
+                    # Before it reports its addresses, Hypercorn only binds.
+                    first = _first_of(group)
+                    raise ListenFailed("listen", config.listen, first) from first
                 logger.info(
                     "proxying %s on %s",
                     redact_url(config.upstream_url),

@@ -278,15 +278,20 @@ def _feed_endpoint(url: str) -> tuple[str, int, str, bool]:
     """Host, port, resource and TLS of a ``ws://`` or ``wss://`` URL.
 
     Raises:
-        ConfigError: it is not such a URL with a host.
+        ConfigError: it is not such a URL with a host, and a port from 1 to
+            65535 when it has one.
     """
-    parts = urlsplit(url)
+    expected = f"expected a ws:// or wss:// URL with a host, got {display_url(url)!r}"
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("ws", "wss") or not parts.hostname or port == -1:
-        msg = f"expected a ws:// or wss:// URL with a host, got {display_url(url)!r}"
+    except ValueError as exc:  # brackets that hold no IPv6 address, a bad port
+        msg = f"{expected}: {exc}"
+        raise ConfigError(msg) from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(expected)
+    if port == 0:
+        msg = f"{expected}: the port must be from 1 to 65535"
         raise ConfigError(msg)
     secure = parts.scheme == "wss"
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
