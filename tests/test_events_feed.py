@@ -35,6 +35,7 @@ from trio_websocket import (
 from trio_llmproxy import ProxyConfig, serve
 from trio_llmproxy._config import ListenFailed
 from trio_llmproxy._errors import ConfigError
+from trio_llmproxy._events_feed import HANDSHAKE_TIMEOUT_SECONDS
 from trio_llmproxy._server import ServerHandle
 from trio_llmproxy._tail import MAX_FEED_MESSAGE_BYTES
 
@@ -435,6 +436,32 @@ async def test_feed_connection_that_is_not_websocket_ends_only_itself(
             handle.shutdown()
 
     assert orjson.loads(message)["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("payload", NOT_WEBSOCKET.values(), ids=NOT_WEBSOCKET.keys())
+async def test_feed_lets_go_at_once_of_a_client_that_leaves_without_a_handshake(
+    payload: bytes,
+    tmp_path: Path,
+    mock_upstream_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="trio_llmproxy._events_feed")
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            config = feed_config(tmp_path, mock_upstream_url)
+            handle: ServerHandle = await nursery.start(serve, config)
+            assert handle.events_feed is not None
+            await connect_badly(handle.events_feed, payload, reset=False)
+            # Well before the handshake timeout runs out.
+            polls = 100
+            for _ in range(polls):
+                if "sent no handshake" in caplog.text:
+                    break
+                await trio.sleep(HANDSHAKE_TIMEOUT_SECONDS / 4 / polls)
+            handle.shutdown()
+
+    assert "sent no handshake" in caplog.text
 
 
 async def test_storm_of_bad_feed_connections_leaves_proxy_and_feed_serving(

@@ -147,6 +147,59 @@ def _refusal(request: WebSocketRequest, token: bytes | None) -> tuple[int, str] 
     return None
 
 
+class _WatchedStream(trio.abc.Stream):
+    """A client's stream that tells when the client can send no more.
+
+    trio-websocket's reader task stops when the client closes, resets or
+    sends something that is not WebSocket, but a handshake still waits for
+    its timeout; :attr:`ended` lets the handler stop waiting at once.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except BaseException:
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def aclose(self) -> None:
+        self.ended.set()
+        await self._stream.aclose()
+
+
+async def _handshake(
+    nursery: trio.Nursery, stream: _WatchedStream
+) -> WebSocketRequest | None:
+    """The client's opening handshake, or None if it left or took too long."""
+    request = None
+    with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS) as waiting:
+
+        async def give_up_when_ended() -> None:
+            await stream.ended.wait()
+            waiting.cancel()
+
+        async with trio.open_nursery() as watch:
+            watch.start_soon(give_up_when_ended)
+            request = await wrap_server_stream(
+                nursery, stream, max_message_size=MAX_CLIENT_MESSAGE_BYTES
+            )
+            watch.cancel_scope.cancel()
+    return request
+
+
 @attrs.define(eq=False)
 class _Client:
     """One connected tail: its bus subscription and what it lost."""
@@ -307,12 +360,10 @@ class EventsFeed:
         peer = _peer_of(stream)
         try:
             async with trio.open_nursery() as nursery:
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_CLIENT_MESSAGE_BYTES
-                    )
-                if request is not None:
+                request = await _handshake(nursery, _WatchedStream(stream))
+                if request is None:
+                    logger.debug("events feed: %s sent no handshake", peer)
+                else:
                     await self._serve_client(bus, request, peer)
                 # Ends trio-websocket's reader task, done or not.
                 nursery.cancel_scope.cancel()
