@@ -37,7 +37,7 @@ from trio_llmproxy._config import ListenFailed
 from trio_llmproxy._errors import ConfigError
 from trio_llmproxy._events_feed import HANDSHAKE_TIMEOUT_SECONDS
 from trio_llmproxy._server import ServerHandle
-from trio_llmproxy._tail import MAX_FEED_MESSAGE_BYTES
+from trio_llmproxy._tail import FEED_RECEIVE_BYTES, MAX_FEED_MESSAGE_BYTES
 
 HANG_GUARD_SECONDS = 15
 TOKEN = "feed-token-0123456789abcdef"
@@ -85,6 +85,7 @@ async def feed_client(
                 message_queue_size=message_queue_size,
                 # As large as tail takes: events carry whole bodies.
                 max_message_size=MAX_FEED_MESSAGE_BYTES,
+                receive_buffer_size=FEED_RECEIVE_BYTES,
             )
             yield connection
             await connection.aclose()

@@ -35,7 +35,8 @@ Stopping: :meth:`EventsFeed.stop` stops accepting clients at once; each
 client then receives what its subscription still delivers (everything
 published before the bus was closed) and is closed with code 1001 (going
 away), within :data:`CLOSE_GRACE_SECONDS`. Clients are not sinks: what they
-have not received by then is not counted as lost by the drain.
+have not received by then is neither sent, nor reported to them, nor counted
+as lost by the drain.
 """
 
 from __future__ import annotations

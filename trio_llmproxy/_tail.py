@@ -56,6 +56,9 @@ RECONNECT_FIRST_SECONDS: Final = 0.25
 RECONNECT_MAX_SECONDS: Final = 5.0
 #: A feed sends events of up to a few MiB (captured bodies, decoded).
 MAX_FEED_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: Bytes read from the feed at once: trio-websocket's default (4 KiB) takes
+#: a read per 4 KiB of an event that can be megabytes long.
+FEED_RECEIVE_BYTES: Final = 256 * 1024
 NOTICE_FIELD: Final = "events_feed_notice"
 OUTCOMES: Final = ("ok", "client_disconnected", "upstream_error", "upstream_timeout")
 _GLOB_CHARACTERS: Final = frozenset("*?[")
@@ -384,6 +387,7 @@ class FeedSource:
                 resource,
                 extra_headers=headers,
                 max_message_size=MAX_FEED_MESSAGE_BYTES,
+                receive_buffer_size=FEED_RECEIVE_BYTES,
             )
 
 
