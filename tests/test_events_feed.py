@@ -35,7 +35,7 @@ from trio_websocket import (
 from trio_llmproxy import ProxyConfig, serve
 from trio_llmproxy._config import ListenFailed
 from trio_llmproxy._errors import ConfigError
-from trio_llmproxy._events_feed import HANDSHAKE_TIMEOUT_SECONDS
+from trio_llmproxy._events_feed import HANDSHAKE_TIMEOUT_SECONDS, SUBSCRIBER_PREFIX
 from trio_llmproxy._server import ServerHandle
 from trio_llmproxy._tail import FEED_RECEIVE_BYTES, MAX_FEED_MESSAGE_BYTES
 
@@ -339,7 +339,6 @@ async def test_slow_feed_client_loses_only_its_own_events(
                 httpx.AsyncClient(base_url=handle.addresses[0]) as client,
             ):
                 fast_messages: list[str] = []
-                start = trio.current_time()
                 for number in range(requests):
                     response = await client.post(
                         "/v1/chat/completions", json=CHAT, headers=big
@@ -349,18 +348,24 @@ async def test_slow_feed_client_loses_only_its_own_events(
                     assert isinstance(message, str)
                     fast_messages.append(message)
                     await sink.wait_for(number + 1)
-                elapsed = trio.current_time() - start
                 handle.shutdown()
                 slow_messages = await read_until_closed(slow)
 
-    slow_events, slow_dropped = split_notices(slow_messages)
+    # The bus keeps each subscriber's counters after it leaves. (What the
+    # slow client still receives after the shutdown, notices included,
+    # depends on how far it gets in the feed's grace period.)
+    feed_drops = sorted(
+        stats.dropped
+        for name, stats in handle.bus.statistics().subscribers.items()
+        if name.startswith(SUBSCRIBER_PREFIX)
+    )
+    slow_events, _ = split_notices(slow_messages)
     fast_events, fast_dropped = split_notices(fast_messages)
-    assert slow_dropped > 0
-    assert len(slow_events) + slow_dropped == requests
+    assert feed_drops[0] == 0 and feed_drops[1] > 0 and len(feed_drops) == 2
+    assert len(slow_events) < requests
     assert (len(fast_events), fast_dropped) == (requests, 0)
     assert len(read_events(tmp_path)) == requests
     assert len(sink.events) == requests
-    assert elapsed < 10
 
 
 async def test_shutdown_with_feed_client_is_prompt_and_loses_no_sink_event(
