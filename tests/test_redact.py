@@ -16,6 +16,8 @@ import trio
 from trio_llmproxy import ConfigError, ProxyConfig, serve
 from trio_llmproxy._redact import (
     redact_headers,
+    redact_query,
+    redact_subprotocol,
     redact_url,
     redact_value,
     secret_header_names,
@@ -158,3 +160,48 @@ def test_upstream_with_a_password_is_refused_without_showing_it() -> None:
 
     assert "credentials" in str(raised.value)
     assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "redacted"),
+    [
+        (f"api_key={KEY}", "api_key=[REDACTED]...WXYZ"),
+        (f"model=m&key={KEY}&n=1", "model=m&key=[REDACTED]...WXYZ&n=1"),
+        (f"Access_Token={KEY}", "Access_Token=[REDACTED]...WXYZ"),
+        (f"api%2Dkey={KEY}", "api%2Dkey=[REDACTED]...WXYZ"),
+        ("token=short", "token=[REDACTED]"),
+        ("token=&key", "token=&key"),
+        ("monkey=1&keys=2&x=%ff;y", "monkey=1&keys=2&x=%ff;y"),
+        ("", ""),
+    ],
+)
+def test_secret_query_parameters_are_redacted_and_the_rest_kept(
+    query: str, redacted: str
+) -> None:
+    assert redact_query(query) == redacted
+
+
+@pytest.mark.parametrize(
+    ("value", "redacted"),
+    [
+        (
+            f"realtime, openai-insecure-api-key.{KEY}, openai-beta.realtime-v1",
+            "realtime, openai-insecure-api-key.[REDACTED]...WXYZ, "
+            "openai-beta.realtime-v1",
+        ),
+        ("openai-insecure-api-key.sk-SECRET", "openai-insecure-api-key.[REDACTED]"),
+        ("realtime", "realtime"),
+    ],
+)
+def test_keys_offered_as_subprotocols_are_redacted(value: str, redacted: str) -> None:
+    headers = [(b"sec-websocket-protocol", value.encode())]
+
+    assert redact_headers(headers, DEFAULT_NAMES) == [
+        (b"sec-websocket-protocol", redacted.encode())
+    ]
+
+
+def test_chosen_key_subprotocol_is_redacted() -> None:
+    assert redact_subprotocol(f"openai-insecure-api-key.{KEY}") == (
+        "openai-insecure-api-key.[REDACTED]...WXYZ"
+    )

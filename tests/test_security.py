@@ -319,3 +319,26 @@ async def test_connect_and_chunked_smuggling_never_reach_another_host(
     received = upstream.only_request
     assert received.head.target == b"/v1/x"
     assert bytes(received.body) == smuggled
+
+
+@pytest.mark.parametrize("name", ["api_key", "key", "api-key", "access_token", "token"])
+async def test_key_in_the_query_is_redacted_in_the_event_but_forwarded(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    upstream = RawUpstream(reply(json_response()))
+    upstream_url = await upstream.start(nursery)
+    target = f"/v1/models?limit=5&{name}={CANARY}&x=%2F1"
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with open_proxy(nursery, upstream_url) as proxy:
+            response = await raw_exchange(
+                proxy.url, http_request("GET", target, [("Host", "proxy")])
+            )
+            event = await proxy.next_event()
+
+    assert response.head.status == 200
+    assert upstream.only_request.head.target == target.encode()
+    assert event.query == f"limit=5&{name}=[REDACTED]...TAIL&x=%2F1"
+    assert CANARY_CORE not in event.to_json().decode()
+    assert CANARY_CORE not in caplog.text
