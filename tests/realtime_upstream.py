@@ -18,6 +18,10 @@ Test commands, as JSON events:
 - ``{"type": "test.drop"}``: the upstream drops the TCP connection without a
   close frame.
 
+:func:`serve_hostile_upstream` serves a raw-socket upstream that answers the
+handshake with whatever bytes a test writes, for answers no WebSocket
+library would send.
+
 A handshake whose query has ``refuse=STATUS`` is refused with that status,
 an ``x-refusal`` header and an OpenAI-style JSON error body. Every session
 is recorded: its resource, headers, subprotocol, what it received, and how
@@ -26,7 +30,10 @@ and when it was closed.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ssl
+from collections.abc import Callable
 from functools import partial
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
@@ -72,6 +79,7 @@ class Session:
     resource: str
     headers: list[tuple[bytes, bytes]]
     subprotocol: str | None = None
+    offered: list[str] = attrs.field(factory=list)
     received: list[str | bytes] = attrs.field(factory=list)
     close_code: int | None = None
     close_reason: str | None = None
@@ -113,6 +121,7 @@ class RealtimeUpstream:
             session.closed.set()
             return
         offered = request.proposed_subprotocols
+        session.offered = list(offered)
         chosen = next((p for p in self.subprotocols if p in offered), None)
         session.subprotocol = chosen
         ws = await request.accept(subprotocol=chosen, extra_headers=REPLY_HEADERS)
@@ -197,3 +206,59 @@ async def serve_realtime_upstream(
     scheme = "http" if ssl_context is None else "https"
     upstream.url = f"{scheme}://127.0.0.1:{server.port}"
     return upstream
+
+
+# RFC 6455's key for Sec-WebSocket-Accept.
+_ACCEPT_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_token(key: bytes) -> bytes:
+    """The valid ``Sec-WebSocket-Accept`` for the handshake's ``key``."""
+    return base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
+
+
+def switching_protocols(accept: bytes, *extra: bytes) -> bytes:
+    """A ``101`` head with ``accept`` and the ``extra`` header lines."""
+    lines = [
+        b"HTTP/1.1 101 Switching Protocols",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Accept: " + accept,
+        *extra,
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def serve_hostile_upstream(
+    nursery: trio.Nursery, answer: Callable[[bytes], bytes]
+) -> str:
+    """Serve an upstream that answers each handshake with ``answer(key)``.
+
+    ``key`` is the handshake's ``Sec-WebSocket-Key``; the bytes returned are
+    written as they are (a head, and frames after it, say), then the
+    connection stays open until the peer closes it or 5 seconds pass.
+    Returns the base URL, ``http://127.0.0.1:PORT``.
+    """
+
+    async def serve(stream: trio.SocketStream) -> None:
+        head = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in head:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                head += data
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            try:
+                await stream.send_all(answer(key))
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"

@@ -109,6 +109,21 @@ def test_refused_handshake_line_is_an_http_line_with_the_answer_size(
     assert "closed=" not in line
 
 
+def test_session_closed_by_the_proxy_names_the_proxy_and_its_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    event = session_event(
+        closed_by="proxy",
+        proxy_close_code=1001,
+        proxy_close_reason="going away",
+        upstream=WebSocketSide(messages=1, bytes=10),
+    )
+
+    line = access_line(caplog, event)
+
+    assert " closed=proxy:1001 " in line
+
+
 async def test_session_through_the_proxy_logs_its_messages_and_close(
     mock_upstream_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -275,6 +275,8 @@ def test_websocket_session_renders_as_its_own_object() -> None:
     assert rendered["websocket"] == {
         "subprotocol": "realtime",
         "closed_by": "client",
+        "proxy_close_code": None,
+        "proxy_close_reason": None,
         "client": {
             "messages": 2,
             "bytes": 9,

@@ -33,9 +33,12 @@ from trio_llmproxy._bus import Subscription
 from trio_llmproxy._event import Event, WebSocketMessage, WebSocketSession
 from trio_llmproxy._memory_bus import InMemoryEventBus
 from trio_llmproxy._middleware import (
+    MESSAGE_OVERHEAD_BYTES,
     CaptureSettings,
     InstrumentationMiddleware,
+    _Session,
     note_outcome,
+    note_proxy_close,
 )
 
 HANG_GUARD_SECONDS = 10
@@ -131,6 +134,11 @@ async def serve_recorded(
     url = await serve_asgi(nursery, wrapped)
     async with bus.subscribe("test") as subscription:
         yield Served(url, bus, subscription)
+
+
+def _recording_session(cap: int) -> _Session:
+    """The middleware's record of one session, fed by hand."""
+    return _Session(cap, 0.0)
 
 
 def _payload(message: Message) -> dict[str, Any]:
@@ -338,7 +346,9 @@ async def test_counts_and_bytes_are_exact_per_direction(nursery: trio.Nursery) -
 async def test_capture_cap_truncates_the_list_but_not_the_counts(
     nursery: trio.Nursery,
 ) -> None:
-    settings = CaptureSettings(max_response_body_bytes=25)
+    # Room for two messages of 10 bytes and 5 bytes of a third, each also
+    # costing its overhead.
+    settings = CaptureSettings(max_response_body_bytes=3 * MESSAGE_OVERHEAD_BYTES + 25)
 
     with trio.fail_after(HANG_GUARD_SECONDS):
         async with serve_recorded(nursery, echo, settings) as served:
@@ -364,7 +374,7 @@ async def test_capture_cap_truncates_the_list_but_not_the_counts(
 
 
 async def test_session_under_the_cap_is_not_truncated(nursery: trio.Nursery) -> None:
-    settings = CaptureSettings(max_response_body_bytes=20)
+    settings = CaptureSettings(max_response_body_bytes=2 * MESSAGE_OVERHEAD_BYTES + 20)
 
     with trio.fail_after(HANG_GUARD_SECONDS):
         async with serve_recorded(nursery, echo, settings) as served:
@@ -375,6 +385,61 @@ async def test_session_under_the_cap_is_not_truncated(nursery: trio.Nursery) -> 
     assert event.websocket is not None
     assert event.websocket.messages_truncated is False
     assert len(event.websocket.messages) == 2
+
+
+async def test_flood_of_empty_messages_keeps_the_list_within_the_cap(
+    nursery: trio.Nursery,
+) -> None:
+    cap, flood = 4096, 20_000
+
+    async def session(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive()).get("text") != "go":
+            pass
+        for _ in range(flood):
+            await send({"type": "websocket.send", "text": ""})
+        await send({"type": "websocket.close", "code": 1000})
+
+    with trio.fail_after(30):
+        async with serve_recorded(
+            nursery, session, CaptureSettings(max_response_body_bytes=cap)
+        ) as served:
+            async with served.connect("/ws") as ws:
+                for _ in range(flood):
+                    await ws.send_message("")
+                await ws.send_message("go")
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+            event = await served.next_event()
+
+    rendered = as_json(event)["websocket"]
+    assert rendered["messages_truncated"] is True
+    assert len(rendered["messages"]) == cap // MESSAGE_OVERHEAD_BYTES
+    assert len(orjson.dumps(rendered["messages"])) <= cap
+    assert (rendered["client"]["messages"], rendered["client"]["bytes"]) == (
+        flood + 1,
+        2,
+    )
+    assert (rendered["upstream"]["messages"], rendered["upstream"]["bytes"]) == (
+        flood,
+        0,
+    )
+
+
+def test_realtime_events_past_the_cap_are_kept_within_the_cap_too() -> None:
+    cap = 1024
+    session = _recording_session(cap)
+
+    for _ in range(1_000):
+        session.add(False, '{"type":"error"}')
+
+    kept = session.freeze()
+    assert len(kept.messages) + len(kept.llm_messages) <= 2 * cap // (
+        MESSAGE_OVERHEAD_BYTES
+    )
+    assert kept.upstream.messages == 1_000
 
 
 # How a session ends.
@@ -512,6 +577,66 @@ async def test_note_outcome_sets_the_session_outcome(nursery: trio.Nursery) -> N
             event = await served.next_event()
 
     assert (event.outcome, event.error) == ("upstream_timeout", "upstream went quiet")
+
+
+async def test_close_noted_as_the_proxys_is_not_recorded_as_the_upstreams(
+    nursery: trio.Nursery,
+) -> None:
+    async def session(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        note_proxy_close(scope, 1001, "going away")
+        await send({"type": "websocket.close", "code": 1001, "reason": "going away"})
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with serve_recorded(nursery, session) as served:
+            async with served.connect("/ws") as ws:
+                with pytest.raises(ConnectionClosed):
+                    await ws.get_message()
+            event = await served.next_event()
+
+    rendered = as_json(event)["websocket"]
+    assert rendered["closed_by"] == "proxy"
+    assert (rendered["proxy_close_code"], rendered["proxy_close_reason"]) == (
+        1001,
+        "going away",
+    )
+    assert rendered["upstream"]["close_code"] is None
+    assert (event.outcome, event.error) == (
+        "upstream_error",
+        "the proxy closed the session with code 1001: going away",
+    )
+
+
+async def test_key_in_the_query_and_subprotocols_is_redacted_in_the_event(
+    nursery: trio.Nursery,
+) -> None:
+    token = f"openai-insecure-api-key.{KEY}"
+
+    async def session(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        # An upstream that picks the key: the accept names it.
+        await send({"type": "websocket.accept", "subprotocol": token})
+        await send({"type": "websocket.close", "code": 1000})
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with serve_recorded(nursery, session) as served:
+            async with served.connect(
+                f"/ws?model=m&api_key={KEY}", subprotocols=["realtime", token]
+            ) as ws:
+                with pytest.raises(ConnectionClosed):
+                    await ws.get_message()
+            event = await served.next_event()
+
+    rendered = as_json(event)
+    assert KEY[:-4] not in event.to_json().decode()
+    assert rendered["query"] == "model=m&api_key=[REDACTED]...1234"
+    assert rendered["request_headers"]["sec-websocket-protocol"] == [
+        "realtime, openai-insecure-api-key.[REDACTED]...1234"
+    ]
+    assert rendered["websocket"]["subprotocol"] == (
+        "openai-insecure-api-key.[REDACTED]...1234"
+    )
 
 
 async def test_session_cancelled_by_the_server_is_recorded_as_shut_down(
@@ -717,7 +842,9 @@ async def test_realtime_usage_of_each_response_done_is_summed(
 async def test_realtime_usage_counts_responses_beyond_the_capture_cap(
     nursery: trio.Nursery,
 ) -> None:
-    settings = CaptureSettings(max_response_body_bytes=600)
+    # Room for the messages before the first response.done, not for it: both
+    # response.done events are kept in the second budget.
+    settings = CaptureSettings(max_response_body_bytes=900)
 
     with trio.fail_after(HANG_GUARD_SECONDS):
         async with serve_recorded(nursery, realtime, settings) as served:

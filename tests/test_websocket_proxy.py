@@ -8,9 +8,10 @@ Each test has a hang guard; all traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from realtime_upstream import (
     REFUSAL_BODY,
     USAGE,
     RealtimeUpstream,
+    accept_token,
+    serve_hostile_upstream,
     serve_realtime_upstream,
+    switching_protocols,
 )
 from trio_websocket import (
     ConnectionClosed,
@@ -33,11 +37,19 @@ from trio_websocket import (
 )
 from ws_client import open_client
 
-from trio_llmproxy import InMemoryEventBus, ProxyConfig, ServerHandle, create_app, serve
+from trio_llmproxy import (
+    Event,
+    InMemoryEventBus,
+    ProxyConfig,
+    ServerHandle,
+    create_app,
+    serve,
+)
 from trio_llmproxy._mock_upstream import MockUpstreamSettings, create_mock_upstream_app
 
 HANG_GUARD_SECONDS = 10
 ONE_MEGABYTE = 1024 * 1024
+KEY = "sk-proj-abcdefghijklmnopWXYZ"
 
 
 def _ws_url(http_url: str, path: str) -> str:
@@ -478,3 +490,238 @@ async def test_each_session_publishes_one_event(upstream: RealtimeUpstream) -> N
         ("WEBSOCKET", "/v1/realtime"),
         ("WEBSOCKET", "/v1/realtime"),
     ]
+
+
+async def _session_event(
+    handle: ServerHandle, path: str = "/v1/realtime", **options: Any
+) -> tuple[Event, ConnectionClosed | ConnectionRejected]:
+    """Open a session through ``handle``, read until it ends; return its event.
+
+    Returns the event and how the session ended for the client (its close,
+    or the refusal of its handshake).
+    """
+    ended: ConnectionClosed | ConnectionRejected
+    # Its own hang guard: pytest-trio runs fixtures (the module's guard) in
+    # another task than the test.
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with handle.bus.subscribe("test") as subscription:
+            try:
+                async with _open(handle, path, **options) as ws:
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except ConnectionClosed as closed:
+                        ended = closed
+            except ConnectionRejected as refused:
+                ended = refused
+            (event,) = await subscription.receive_batch()
+    return event, ended
+
+
+async def _hostile_proxy(
+    nursery: trio.Nursery, answer: Callable[[bytes], bytes]
+) -> ServerHandle:
+    url = await serve_hostile_upstream(nursery, answer)
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=url)
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+    return handle
+
+
+# Keys offered as subprotocols (OpenAI Realtime's browser authentication).
+
+
+async def test_key_offered_as_a_subprotocol_reaches_the_upstream_unchanged(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    offered = ["realtime", f"openai-insecure-api-key.{KEY}"]
+
+    async with _open(proxy, subprotocols=offered):
+        pass
+
+    assert upstream.sessions[0].offered == offered
+
+
+async def test_key_offered_as_a_subprotocol_is_redacted_in_event_and_logs(
+    upstream: RealtimeUpstream, proxy: ServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    offered = ["realtime", f"openai-insecure-api-key.{KEY}"]
+
+    async with proxy.bus.subscribe("test") as subscription:
+        async with _open(proxy, subprotocols=offered) as ws:
+            await ws.get_message()
+        (event,) = await subscription.receive_batch()
+
+    rendered = orjson.loads(event.to_json())
+    assert rendered["request_headers"]["sec-websocket-protocol"] == [
+        "realtime, openai-insecure-api-key.[REDACTED]...WXYZ"
+    ]
+    assert KEY[:-4] not in event.to_json().decode()
+    assert KEY[:-4] not in repr(event)
+    assert KEY[:-4] not in caplog.text
+
+
+async def test_key_subprotocol_picked_by_the_upstream_is_redacted_in_the_event(
+    nursery: trio.Nursery,
+) -> None:
+    token = f"openai-insecure-api-key.{KEY}"
+    upstream = await serve_realtime_upstream(
+        nursery, RealtimeUpstream(subprotocols=(token,))
+    )
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url)
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with handle.bus.subscribe("test") as subscription:
+        async with _open(handle, subprotocols=[token]) as ws:
+            chosen = ws.subprotocol
+        (event,) = await subscription.receive_batch()
+
+    assert chosen == token
+    assert event.websocket is not None
+    assert event.websocket.subprotocol == "openai-insecure-api-key.[REDACTED]...WXYZ"
+    assert KEY[:-4] not in event.to_json().decode()
+
+
+async def test_key_in_the_query_is_redacted_in_the_event_but_forwarded(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    path = f"/v1/realtime?model=gpt-realtime&api_key={KEY}&x=%2F1"
+
+    async with proxy.bus.subscribe("test") as subscription:
+        async with _open(proxy, path) as ws:
+            await ws.get_message()
+        (event,) = await subscription.receive_batch()
+
+    assert upstream.sessions[0].resource == path
+    assert event.query == "model=gpt-realtime&api_key=[REDACTED]...WXYZ&x=%2F1"
+    assert orjson.loads(event.to_json())["llm"]["request_model"] == "gpt-realtime"
+
+
+# Upstreams that answer the handshake with an invalid 101.
+
+
+def _wrong_accept(key: bytes) -> bytes:
+    return switching_protocols(accept_token(b"another key"))
+
+
+def _unoffered_subprotocol(key: bytes) -> bytes:
+    return switching_protocols(accept_token(key), b"Sec-WebSocket-Protocol: evil")
+
+
+def _huge_head(key: bytes) -> bytes:
+    return switching_protocols(accept_token(key), b"X-Big: " + b"a" * 200_000)
+
+
+@pytest.mark.parametrize("answer", [_wrong_accept, _unoffered_subprotocol, _huge_head])
+async def test_invalid_handshake_answer_gives_502_and_an_event_without_traceback(
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    answer: Callable[[bytes], bytes],
+) -> None:
+    handle = await _hostile_proxy(nursery, answer)
+
+    event, ended = await _session_event(handle)
+
+    assert isinstance(ended, ConnectionRejected)
+    assert ended.status_code == 502
+    assert ended.body is not None
+    error = orjson.loads(ended.body)["error"]
+    assert (error["type"], error["code"]) == ("proxy_error", "upstream_unreachable")
+    assert "answered the WebSocket handshake invalidly" in error["message"]
+    assert (event.status, event.outcome) == (502, "upstream_error")
+    assert event.error == error["message"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# Closes the proxy makes itself are recorded as its own.
+
+
+async def test_shutdown_records_the_close_as_the_proxys(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url)
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with handle.bus.subscribe("test") as subscription:
+        async with _open(handle) as ws:
+            await ws.get_message()
+            handle.shutdown()
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+        (event,) = await subscription.receive_batch()
+
+    session = event.websocket
+    assert session is not None
+    assert session.closed_by == "proxy"
+    assert (session.proxy_close_code, session.proxy_close_reason) == (
+        1001,
+        "going away",
+    )
+    assert session.upstream.close_code is None
+    assert (event.outcome, event.error) == (
+        "upstream_error",
+        "closed: the proxy is shutting down",
+    )
+
+
+async def test_upstream_message_over_the_limit_is_the_proxys_1009(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with proxy.bus.subscribe("test") as subscription:
+        async with _open(proxy) as ws:
+            await ws.get_message()
+            await _send_json(ws, {"type": "test.binary", "size": 16 * ONE_MEGABYTE + 1})
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        (event,) = await subscription.receive_batch()
+
+    assert closed.value.reason is not None and closed.value.reason.code == 1009
+    session = event.websocket
+    assert session is not None
+    assert (session.closed_by, session.proxy_close_code) == ("proxy", 1009)
+    assert session.upstream.close_code is None
+    assert event.outcome == "upstream_error"
+    assert event.error is not None
+    assert event.error.startswith("the upstream sent a message too big to relay")
+
+
+async def test_upstream_sending_garbage_frames_is_the_proxys_1002(
+    nursery: trio.Nursery,
+) -> None:
+    def garbage(key: bytes) -> bytes:
+        return switching_protocols(accept_token(key)) + b"\x81\x02hi" + b"\xff" * 4
+
+    handle = await _hostile_proxy(nursery, garbage)
+
+    event, ended = await _session_event(handle)
+
+    assert isinstance(ended, ConnectionClosed)
+    assert ended.reason is not None and ended.reason.code == 1002
+    session = event.websocket
+    assert session is not None
+    assert (session.closed_by, session.proxy_close_code) == ("proxy", 1002)
+    assert session.upstream.close_code is None
+    assert (session.upstream.messages, session.upstream.bytes) == (1, 2)
+    assert event.outcome == "upstream_error"
+    assert event.error is not None
+    assert event.error.startswith("the upstream broke the WebSocket protocol: ")
+
+
+async def test_upstream_dropping_the_connection_is_recorded_as_the_proxys_close(
+    upstream: RealtimeUpstream, proxy: ServerHandle
+) -> None:
+    async with proxy.bus.subscribe("test") as subscription:
+        async with _open(proxy) as ws:
+            await ws.get_message()
+            await _send_json(ws, {"type": "test.drop"})
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+        (event,) = await subscription.receive_batch()
+
+    session = event.websocket
+    assert session is not None
+    assert (session.closed_by, session.proxy_close_code) == ("proxy", 1011)
+    assert (event.outcome, event.error) == (
+        "upstream_error",
+        "the upstream connection was lost",
+    )

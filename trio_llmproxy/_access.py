@@ -24,9 +24,14 @@ def _side(side: WebSocketSide) -> str:
 
 
 def _closed(session: WebSocketSession) -> str:
-    """Who closed the session first and with which code, as ``client:1000``."""
+    """Who closed the session first and with which code, as ``client:1000``.
+
+    ``proxy:1001`` when the proxy closed it itself (at shutdown, say).
+    """
     if session.closed_by is None:
         return "-"
+    if session.closed_by == "proxy":
+        return f"proxy:{session.proxy_close_code}"
     side = session.client if session.closed_by == "client" else session.upstream
     code = "-" if side.close_code is None else str(side.close_code)
     return f"{session.closed_by}:{code}"

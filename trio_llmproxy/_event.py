@@ -264,8 +264,11 @@ class WebSocketSession:
     ``messages_truncated`` says whether the cap left some out (or cut one).
     The counts of ``client`` and ``upstream`` are exact whatever the cap.
     ``closed_by`` names the side that closed first (``"client"`` or
-    ``"upstream"``), or is ``None`` when neither did (the handshake was
-    refused, or the session was cut). ``llm_messages`` holds upstream
+    ``"upstream"``), or ``"proxy"`` when the proxy closed the session itself
+    (at shutdown, or because the upstream misbehaved), with the code and
+    reason it sent in ``proxy_close_code`` and ``proxy_close_reason``; it is
+    ``None`` when no one closed (the handshake was refused, or the session was
+    cut without a close). ``llm_messages`` holds upstream
     messages that the cap left out of ``messages`` but that look like
     Realtime API events the ``llm`` object needs (``response.done``,
     ``session.*``, ``error``); they are not part of the JSON form.
@@ -273,6 +276,8 @@ class WebSocketSession:
 
     subprotocol: str | None = None
     closed_by: str | None = None
+    proxy_close_code: int | None = None
+    proxy_close_reason: str | None = None
     client: WebSocketSide = WebSocketSide()
     upstream: WebSocketSide = WebSocketSide()
     messages: Sequence[WebSocketMessage] = ()
@@ -286,6 +291,8 @@ class WebSocketSession:
         return {
             "subprotocol": self.subprotocol,
             "closed_by": self.closed_by,
+            "proxy_close_code": self.proxy_close_code,
+            "proxy_close_reason": self.proxy_close_reason,
             "client": self.client.to_dict(),
             "upstream": self.upstream.to_dict(),
             "messages": [_render_message(message) for message in self.messages],
@@ -298,6 +305,9 @@ class WebSocketSession:
         return cls(
             subprotocol=data["subprotocol"],
             closed_by=data["closed_by"],
+            # Events written before the proxy recorded its own closes.
+            proxy_close_code=data.get("proxy_close_code"),
+            proxy_close_reason=data.get("proxy_close_reason"),
             client=WebSocketSide.from_dict(data["client"]),
             upstream=WebSocketSide.from_dict(data["upstream"]),
             messages=[_parse_message(message) for message in data["messages"]],

@@ -31,7 +31,12 @@ from ._access import log_access
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._bus import EventBus
 from ._event import Event, WebSocketMessage, WebSocketSession, WebSocketSide
-from ._redact import redact_headers, secret_header_names
+from ._redact import (
+    redact_headers,
+    redact_query,
+    redact_subprotocol,
+    secret_header_names,
+)
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
 MAX_REQUEST_ID_LENGTH: Final = 128
@@ -55,6 +60,12 @@ _LLM_EVENT_MARK: Final = re.compile(
     r'"(?:response\.done|session\.created|session\.updated|error)"'
 )
 _LLM_EVENT_MARK_SPAN: Final = 256
+# What each captured WebSocket message costs against the capture cap beside
+# its payload: a little more than its JSON wrapping in the event (from,
+# at_ms, type, size: 65 to 75 bytes).
+# Without it, a flood of empty messages would grow the list, and the event
+# line, without bound.
+MESSAGE_OVERHEAD_BYTES: Final = 80
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +125,10 @@ def _session_outcome(recorder: Recorder, session: _Session) -> tuple[str, str | 
         if recorder.status:
             return "upstream_error", f"handshake refused with status {recorder.status}"
         return "upstream_error", "the app ended without answering the handshake"
+    if session.closed_by == "proxy":
+        error = f"the proxy closed the session with code {session.proxy_close_code}"
+        reason = session.proxy_close_reason
+        return "upstream_error", error if reason is None else f"{error}: {reason}"
     code = session.upstream.close_code
     if code is None:
         # Hypercorn closes such a session with 1011 for the app.
@@ -235,6 +250,8 @@ class _Session:
     accepted: bool = False
     subprotocol: str | None = None
     closed_by: str | None = None
+    proxy_close_code: int | None = None
+    proxy_close_reason: str | None = None
 
     def add(self, from_client: bool, data: str | bytes | None) -> None:
         if data is None:
@@ -243,30 +260,38 @@ class _Session:
         side = self.client if from_client else self.upstream
         side.messages += 1
         side.bytes += size
-        at_ms = (time.perf_counter() - self.started) * 1000.0
-        room = self.cap - self.captured
-        if size <= room and not self.truncated:
-            self.messages.append(WebSocketMessage(from_client, at_ms, data, size))
-            self.captured += size
-            return
+        cost = size + MESSAGE_OVERHEAD_BYTES
         if not self.truncated:
+            at_ms = (time.perf_counter() - self.started) * 1000.0
+            room = self.cap - self.captured
+            if cost <= room:
+                self.messages.append(WebSocketMessage(from_client, at_ms, data, size))
+                self.captured += cost
+                return
             # The list stays a prefix of the session: the first message that
             # does not fit is cut to the room left, and none comes after it.
             self.truncated = True
-            if room > 0:
-                part = _cut(data, room)
+            if room > MESSAGE_OVERHEAD_BYTES:
+                part = _cut(data, room - MESSAGE_OVERHEAD_BYTES)
                 self.messages.append(WebSocketMessage(from_client, at_ms, part, size))
-                self.captured = self.cap
+            self.captured = self.cap
+        # Beyond the cap a message costs two additions and, for upstream
+        # text with room left in the second budget, a search of its start.
         if (
             not from_client
             and isinstance(data, str)
-            and self.llm_captured + size <= self.cap
+            and self.llm_captured + cost <= self.cap
             and _LLM_EVENT_MARK.search(data, 0, _LLM_EVENT_MARK_SPAN)
         ):
+            at_ms = (time.perf_counter() - self.started) * 1000.0
             self.llm_messages.append(WebSocketMessage(from_client, at_ms, data, size))
-            self.llm_captured += size
+            self.llm_captured += cost
 
     def close(self, from_client: bool, message: Message) -> None:
+        if not from_client and self.proxy_close_code is not None:
+            # The app's close is the proxy's own (see note_proxy_close), not
+            # the upstream's: the upstream side did not close.
+            return
         side = self.client if from_client else self.upstream
         if side.close_code is not None:
             return
@@ -284,6 +309,8 @@ class _Session:
         return WebSocketSession(
             subprotocol=self.subprotocol,
             closed_by=self.closed_by,
+            proxy_close_code=self.proxy_close_code,
+            proxy_close_reason=self.proxy_close_reason,
             client=self.client.freeze(),
             upstream=self.upstream.freeze(),
             messages=self.messages,
@@ -329,6 +356,26 @@ def note_outcome(scope: Scope, outcome: str, error: str | None = None) -> None:
     recorder = scope.get("extensions", {}).get(EXTENSION_KEY)
     if isinstance(recorder, Recorder):
         recorder.note(outcome, error)
+
+
+def note_proxy_close(scope: Scope, code: int, reason: str | None) -> None:
+    """Tell the middleware (if any) that the app closes the session itself.
+
+    Call it just before sending the ``websocket.close`` that the proxy makes
+    on its own behalf (at shutdown, or because the upstream misbehaved),
+    rather than one that passes the upstream's close on. The event then has
+    ``closed_by`` ``"proxy"`` with ``code`` and ``reason`` (unless a side
+    closed first), and the upstream side no close of its own. Without the
+    middleware, or outside a session, this does nothing.
+    """
+    recorder = scope.get("extensions", {}).get(EXTENSION_KEY)
+    if not isinstance(recorder, Recorder) or recorder.session is None:
+        return
+    session = recorder.session
+    if session.closed_by is None and not recorder.disconnected:
+        session.closed_by = "proxy"
+        session.proxy_close_code = code
+        session.proxy_close_reason = reason or None
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -513,7 +560,12 @@ class InstrumentationMiddleware:
         if session is not None:
             session.accepted = True
             subprotocol = message.get("subprotocol")
-            session.subprotocol = subprotocol if isinstance(subprotocol, str) else None
+            # An upstream may pick the client's key offered as a subprotocol.
+            session.subprotocol = (
+                redact_subprotocol(subprotocol)
+                if isinstance(subprotocol, str)
+                else None
+            )
         return {**message, "headers": headers}
 
     def _start(self, scope: Scope) -> tuple[Recorder, Scope]:
@@ -603,7 +655,7 @@ class InstrumentationMiddleware:
             timestamp=recorder.started_wall,
             method="WEBSOCKET" if session is not None else scope["method"],
             path=scope.get("raw_path", b"").decode("latin-1") or scope["path"],
-            query=scope.get("query_string", b"").decode("latin-1"),
+            query=redact_query(scope.get("query_string", b"").decode("latin-1")),
             status=recorder.status or _status_without_response(recorder),
             duration_ms=(end - recorder.started) * 1000.0,
             ttfb_ms=None

@@ -19,9 +19,15 @@ connection is closed on every way out.
 The relay opens the upstream's TCP (and TLS) stream itself and runs
 trio-websocket's connection over it, rather than through ``open_websocket``:
 that one leaves its socket to the garbage collector when the handshake is
-refused, and when the upstream closes the session first. This needs two of
-trio-websocket's private members (the reader task and the open-handshake
-event), named in :func:`_read_upstream` and :func:`_wait_open`.
+refused, and when the upstream closes the session first. This needs three
+of trio-websocket's private members (the reader task, the open-handshake
+event, and the event that says the upstream sent a close frame), named in
+:func:`_read_upstream`, :func:`_wait_open` and :func:`_upstream_to_client`.
+
+A close the proxy makes itself (at shutdown, on a failure, or because the
+upstream broke the protocol, sent too large a message or dropped its
+connection) is told to the middleware with :func:`note_proxy_close` before
+it is sent, so the event does not record it as the upstream's.
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ import ssl
 from typing import Final
 
 import attrs
+import h11
 import trio
+import wsproto.utilities
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 
 from ._asgi import Message, Receive, Scope, Send
 from ._errors import ClientError, ProxyError, UpstreamError, UpstreamTimeout
-from ._middleware import note_outcome
+from ._middleware import note_outcome, note_proxy_close
 from ._proxy import error_body
 from ._redact import redact_url
 from ._upstream import Upstream, end_to_end_headers
@@ -75,6 +83,12 @@ GOING_AWAY_CODE: Final = 1001
 GOING_AWAY_REASON: Final = "going away"
 _INTERNAL_ERROR_CODE: Final = 1011
 _POLICY_VIOLATION_CODE: Final = 1008
+_MESSAGE_TOO_BIG_CODE: Final = 1009
+# What trio-websocket raises when the upstream's answer to the handshake is
+# not a valid one (a wrong Sec-WebSocket-Accept, a subprotocol the client
+# never offered, a head too large or not HTTP): its reader tries to answer
+# with a refusal, which a client may not send.
+_HANDSHAKE_ERRORS: Final = (h11.LocalProtocolError, wsproto.utilities.ProtocolError)
 _HTTP_RESPONSE_EXTENSION: Final = "websocket.http.response"
 
 logger = logging.getLogger(__name__)
@@ -100,7 +114,10 @@ def _client_close_code(code: int | None) -> int:
 class _Closed:
     """How a session ended: which side ended it, with what code and reason."""
 
-    side: str  # "client", "upstream", "shutdown" or "error"
+    # "client", "upstream" (it sent a close frame), "upstream_fault" (the
+    # proxy closes: the upstream dropped, broke the protocol or sent too
+    # much), "shutdown" or "error" (the proxy failed).
+    side: str
     code: int
     reason: str | None = None
 
@@ -185,6 +202,7 @@ class _Handshake:
     opened: bool = False
     refusal: ConnectionRejected | None = None
     timed_out: bool = False
+    invalid: str | None = None
 
 
 async def _read_upstream(
@@ -195,6 +213,13 @@ async def _read_upstream(
         await connection._reader_task()  # private: see the module docstring
     except ConnectionRejected as exc:
         handshake.refusal = exc
+    except _HANDSHAKE_ERRORS as exc:
+        if handshake.opened:
+            raise
+        # The reader failed answering the upstream's invalid reply; what was
+        # wrong with the reply is the error it was handling.
+        cause = exc.__context__ if exc.__context__ is not None else exc
+        handshake.invalid = str(cause) or type(cause).__name__
     finally:
         # The reader also ends, without a refusal, when the upstream drops
         # the connection during the handshake.
@@ -276,8 +301,13 @@ class WebSocketRelay:
             await self._pass_refusal(scope, send, handshake.refusal)
         elif not handshake.opened:
             where = redact_url(self._upstream_url)
-            if handshake.timed_out:
-                error: UpstreamError = UpstreamTimeout(
+            if handshake.invalid is not None:
+                error: UpstreamError = UpstreamError(
+                    f"the upstream {where} answered the WebSocket handshake "
+                    f"invalidly: {handshake.invalid}"
+                )
+            elif handshake.timed_out:
+                error = UpstreamTimeout(
                     f"timed out opening a WebSocket session with the upstream {where}"
                 )
             else:
@@ -464,7 +494,15 @@ async def _upstream_to_client(send: Send, session: _Session) -> None:
         except ConnectionClosed as exc:
             reason = exc.reason
             code = reason.code if reason is not None else 1006
-            session.end(_Closed("upstream", code, reason.reason if reason else None))
+            text = reason.reason if reason is not None else None
+            # Set only when the upstream sent a close frame (private: see the
+            # module docstring). trio-websocket closes by itself, with 1009
+            # or 1002, a session whose upstream sent too large a message or
+            # broke the protocol; 1006 says the connection dropped.
+            if upstream._for_testing_peer_closed_connection.is_set():
+                session.end(_Closed("upstream", code, text))
+            else:
+                session.end(_Closed("upstream_fault", code, text))
             return
         if isinstance(data, str):
             await send({"type": "websocket.send", "text": data})
@@ -483,20 +521,40 @@ async def _close_both(scope: Scope, send: Send, session: _Session) -> None:
     assert closed is not None
     upstream = session.upstream
     if closed.side == "upstream":
-        code = sendable_close_code(closed.code, _INTERNAL_ERROR_CODE)
-        reason = closed.reason
-        if code != closed.code:
-            # 1006: the upstream's connection dropped without a close frame.
-            reason = "the upstream connection was lost"
-            note_outcome(scope, "upstream_error", reason)
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            await _close_client(
+                send,
+                sendable_close_code(closed.code, _INTERNAL_ERROR_CODE),
+                closed.reason,
+            )
+    elif closed.side != "client":
+        code, reason = _proxy_close(scope, closed)
+        note_proxy_close(scope, code, reason)
         with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
             await _close_client(send, code, reason)
-    elif closed.side != "client":
-        if closed.side == "shutdown":
-            note_outcome(scope, "upstream_error", "closed: the proxy is shutting down")
-        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
-            await _close_client(send, closed.code, closed.reason)
     with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
         await upstream.aclose(
             sendable_close_code(closed.code, _INTERNAL_ERROR_CODE), closed.reason
         )
+
+
+def _proxy_close(scope: Scope, closed: _Closed) -> tuple[int, str | None]:
+    """The code and reason of a close the proxy makes itself; note its outcome."""
+    if closed.side == "shutdown":
+        note_outcome(scope, "upstream_error", "closed: the proxy is shutting down")
+        return closed.code, closed.reason
+    if closed.side != "upstream_fault":
+        # The proxy failed: the middleware records the exception.
+        return closed.code, closed.reason
+    code = sendable_close_code(closed.code, _INTERNAL_ERROR_CODE)
+    if code != closed.code:
+        # 1006: the upstream's connection dropped without a close frame.
+        reason = "the upstream connection was lost"
+        note_outcome(scope, "upstream_error", reason)
+        return code, reason
+    if code == _MESSAGE_TOO_BIG_CODE:
+        error = f"the upstream sent a message too big to relay: {closed.reason}"
+    else:
+        error = f"the upstream broke the WebSocket protocol: {closed.reason}"
+    note_outcome(scope, "upstream_error", error)
+    return code, closed.reason
