@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,15 +82,6 @@ def _open(
     proxy: ServerHandle, path: str = "/v1/realtime?model=gpt-realtime", **kwargs: Any
 ) -> Any:
     return open_client(_ws_url(proxy.addresses[0], path), **kwargs)
-
-
-@pytest.fixture
-async def autojump_guard() -> AsyncIterator[None]:
-    with trio.fail_after(HANG_GUARD_SECONDS):
-        yield
-
-
-pytestmark = pytest.mark.usefixtures("autojump_guard")
 
 
 async def test_session_relays_text_and_binary_both_ways_in_order(
