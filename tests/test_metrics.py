@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transcripts import load, raw_upstream
 
 from trio_llmproxy import Event, InMemoryEventBus, ProxyConfig, ServerHandle, serve
-from trio_llmproxy._cli import _MetricsPath
+from trio_llmproxy._cli import METRICS_PATH
 from trio_llmproxy._errors import ConfigError
 from trio_llmproxy._metrics import ProxyMetrics, path_template
 from trio_llmproxy._redis_bus import BusError, GroupLag, StreamLag
@@ -401,7 +401,7 @@ def test_client_controlled_labels_are_bounded() -> None:
 
 
 def test_metrics_path_flag_takes_off_and_checks_the_path() -> None:
-    flag = _MetricsPath()
+    flag = METRICS_PATH
 
     assert flag.convert("off", None, None) == ""
     assert flag.convert("/m", None, None) == "/m"

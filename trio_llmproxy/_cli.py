@@ -72,88 +72,83 @@ def _check_can_listen(value: str) -> None:
         raise ConfigError(msg) from exc
 
 
-class _ListenAddress(click.ParamType[str]):
-    name = "HOST:PORT"
+class _Checked(click.ParamType[str]):
+    """A text value that ``check`` returns as it should be used, or refuses.
+
+    ``check`` raises ConfigError with the one line to show. Where that line
+    names the setting by its Python name (``"metrics_path must ..."``), which
+    the flag and its variable already name, ``subject`` is that name and is
+    left out (``"must ..."``).
+    """
+
+    def __init__(
+        self, name: str, check: Callable[[str], str], subject: str = ""
+    ) -> None:
+        self.name = name
+        self._check = check
+        self._subject = f"{subject} must" if subject else ""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
         try:
-            parse_listen_address(str(value))
-            _check_can_listen(str(value))
+            return self._check(str(value))
         except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value)
+            message = str(exc)
+            if self._subject:
+                message = message.replace(self._subject, "must")
+            self.fail(message, param, ctx)
 
 
-class _FeedAddress(click.ParamType[str]):
-    name = "[HOST:]PORT"
+def _returning(check: Callable[[str], object]) -> Callable[[str], str]:
+    """A check that returns the value it was given, once ``check`` accepts it."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        try:
-            address = parse_events_feed_address(str(value))
-            _check_can_listen(address)
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-        return address
+    def checked(value: str) -> str:
+        check(value)
+        return value
+
+    return checked
 
 
-class _FeedToken(click.ParamType[str]):
-    name = "TOKEN"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        try:
-            check_events_feed_token(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc).replace("events_feed_token must", "must"), param, ctx)
-        return str(value)
+def _listen_address(value: str) -> str:
+    parse_listen_address(value)
+    _check_can_listen(value)
+    return value
 
 
-class _HttpUrl(click.ParamType[str]):
-    name = "URL"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        try:
-            return check_http_url(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc).replace("URL must", "must"), param, ctx)
+def _feed_address(value: str) -> str:
+    address = parse_events_feed_address(value)
+    _check_can_listen(address)
+    return address
 
 
-class _UpstreamUrl(click.ParamType[str]):
-    name = "URL"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        try:
-            return check_upstream_url(str(value), what="it")
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
+def _metrics_path(value: str) -> str:
+    # An empty variable is ignored by click, so "off" also turns it off.
+    return check_metrics_path("" if value.lower() == "off" else value)
 
 
-class _RedisUrl(click.ParamType[str]):
-    name = "URL"
+def _status_filter(value: str) -> str:
+    from ._tail import parse_status
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        try:
-            check_redis_url(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value)
+    return parse_status(value)
 
 
-class _MetricsPath(click.ParamType[str]):
-    name = "PATH"
+def _feed_url(value: str) -> str:
+    from ._tail import FeedSource
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        # An empty variable is ignored by click, so "off" also turns it off.
-        text = "" if str(value).lower() == "off" else str(value)
-        try:
-            return check_metrics_path(text)
-        except ConfigError as exc:
-            self.fail(str(exc).replace("metrics_path must", "must"), param, ctx)
+    FeedSource(value)
+    return value
 
 
-LISTEN = _ListenAddress()
-HTTP_URL = _HttpUrl()
-UPSTREAM_URL = _UpstreamUrl()
-REDIS_URL = _RedisUrl()
+LISTEN = _Checked("HOST:PORT", _listen_address)
+HTTP_URL = _Checked("URL", check_http_url, subject="URL")
+UPSTREAM_URL = _Checked("URL", partial(check_upstream_url, what="it"))
+REDIS_URL = _Checked("URL", _returning(check_redis_url))
+METRICS_PATH = _Checked("PATH", _metrics_path, subject="metrics_path")
+FEED_ADDRESS = _Checked("[HOST:]PORT", _feed_address)
+FEED_TOKEN = _Checked(
+    "TOKEN", _returning(check_events_feed_token), subject="events_feed_token"
+)
+FEED_URL = _Checked("URL", _feed_url)
+STATUS_FILTER = _Checked("STATUS", _status_filter)
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
 
@@ -402,7 +397,7 @@ def cli() -> None:
 @_option(
     "--metrics-path",
     envvar="METRICS_PATH",
-    type=_MetricsPath(),
+    type=METRICS_PATH,
     default="/metrics",
     help="Path where the proxy itself answers GET with Prometheus metrics "
     "(never forwarded or recorded); '' or 'off' turns them off.",
@@ -410,7 +405,7 @@ def cli() -> None:
 @_option(
     "--events-feed",
     envvar="EVENTS_FEED_ADDR",
-    type=_FeedAddress(),
+    type=FEED_ADDRESS,
     default=None,
     show_default="off",
     help="Serve every event live over a WebSocket on this address, for "
@@ -420,7 +415,7 @@ def cli() -> None:
 @_option(
     "--events-feed-token",
     envvar="EVENTS_FEED_TOKEN",
-    type=_FeedToken(),
+    type=FEED_TOKEN,
     default=None,
     show_default="none",
     help="Bearer token the feed's clients must send (at least 16 "
@@ -718,36 +713,11 @@ async def _serve_dispatcher(
         await serve_dispatcher(config, sink, stopping=stopping)
 
 
-class _StatusFilter(click.ParamType[str]):
-    name = "STATUS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        from ._tail import parse_status
-
-        try:
-            return parse_status(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _FeedUrl(click.ParamType[str]):
-    name = "URL"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
-        from ._tail import FeedSource
-
-        try:
-            FeedSource(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value)
-
-
 @cli.command("tail")
 @_option(
     "--feed",
     envvar="TAIL_FEED_URL",
-    type=_FeedUrl(),
+    type=FEED_URL,
     default=None,
     show_default="none",
     help="A running server's events feed (server --events-feed), such as "
@@ -756,7 +726,7 @@ class _FeedUrl(click.ParamType[str]):
 @_option(
     "--token",
     envvar="EVENTS_FEED_TOKEN",
-    type=_FeedToken(),
+    type=FEED_TOKEN,
     default=None,
     show_default="none",
     help="Bearer token the events feed asks for.",
@@ -799,7 +769,7 @@ class _FeedUrl(click.ParamType[str]):
     "--status",
     "statuses",
     envvar="TAIL_STATUS",
-    type=_StatusFilter(),
+    type=STATUS_FILTER,
     multiple=True,
     default=(),
     show_default="all",
