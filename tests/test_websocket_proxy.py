@@ -461,6 +461,30 @@ async def test_mock_upstream_serves_a_realtime_session_through_the_proxy(
     assert events[-1]["response"]["usage"]["output_tokens"] == 9
 
 
+async def test_mock_realtime_session_event_has_answer_model_and_usage(
+    nursery: trio.Nursery,
+) -> None:
+    mock = create_mock_upstream_app(MockUpstreamSettings(model="mock-realtime"))
+    config = ProxyConfig(
+        listen="127.0.0.1:0", upstream_url=await serve_asgi(nursery, mock)
+    )
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+
+    async with handle.bus.subscribe("test") as subscription:
+        async with _open(handle, "/v1/realtime", subprotocols=["realtime"]) as ws:
+            await ws.get_message()
+            await _send_json(ws, {"type": "response.create"})
+            for _ in range(11):
+                await ws.get_message()
+        with trio.fail_after(HANG_GUARD_SECONDS):
+            event = await subscription.events().__anext__()
+
+    llm = event.to_dict()["llm"]
+    assert llm["output_text"] == "The quick brown fox jumps over the lazy dog."
+    assert llm["response_model"] == "mock-realtime"
+    assert (llm["usage"]["input_tokens"], llm["usage"]["output_tokens"]) == (5, 9)
+
+
 async def test_each_session_publishes_one_event(upstream: RealtimeUpstream) -> None:
     bus = InMemoryEventBus(100)
     config = ProxyConfig(upstream_url=upstream.url)

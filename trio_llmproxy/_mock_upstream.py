@@ -14,7 +14,7 @@ the settings, ``X-Mock-Status: NNN`` forces an error status on any endpoint, and
 A WebSocket session at ``/v1/realtime`` plays a small part of the Realtime API:
 ``session.created`` on connect, ``session.updated`` for ``session.update``, and
 for ``response.create`` the text in ``response.text.delta`` events, then a
-``response.done`` with usage.
+``response.done`` with the text as its output, and usage.
 """
 
 from __future__ import annotations
@@ -495,7 +495,11 @@ class _MockUpstreamApp:
         offered = cast("list[str]", scope.get("subprotocols") or [])
         chosen = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
         await send({"type": "websocket.accept", "subprotocol": chosen})
-        session = {"id": "sess_mock", "object": "realtime.session"}
+        session = {
+            "id": "sess_mock",
+            "object": "realtime.session",
+            "model": self._settings.model,
+        }
         await _send_event(send, {"type": "session.created", "session": session})
         while True:
             message = await receive()
@@ -531,7 +535,15 @@ class _MockUpstreamApp:
                     "audio_tokens": 0,
                 },
             }
-            done = {**response, "status": "completed", "usage": usage}
+            # Like the Realtime API's, the answer's text is in its output too.
+            content = [{"type": "text", "text": " ".join(words)}]
+            output = [{"type": "message", "role": "assistant", "content": content}]
+            done = {
+                **response,
+                "status": "completed",
+                "output": output,
+                "usage": usage,
+            }
             await _send_event(send, {"type": "response.done", "response": done})
         else:
             error = {"type": "invalid_request_error", "message": "unknown event type"}
