@@ -41,6 +41,7 @@ from trio_llmproxy._tail import EventFilter, Printer, format_line
 HANG_GUARD_SECONDS = 20
 STREAM = "llm-proxy-events"
 TOKEN = "tail-token-0123456789abcdef"
+FOLLOWING = "llm-proxy tail: following "
 # A notice of dropped events whose counts are terminal escape sequences.
 HOSTILE_NOTICE = (
     '{"events_feed_notice":"dropped","dropped":"\\u001b]0;pwned\\u0007",'
@@ -64,6 +65,9 @@ class Tail:
     process: trio.Process
     lines: list[str] = attrs.Factory(list)
     errors: list[str] = attrs.Factory(list)
+    # The line that says which source the tail follows, once connected; it
+    # goes to standard error, and is kept apart from the warnings.
+    following: list[str] = attrs.Factory(list)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def collect(self, stream: trio.abc.ReceiveStream, into: list[str]) -> None:
@@ -71,7 +75,11 @@ class Tail:
         async for chunk in stream:
             pending += chunk
             *complete, pending = pending.split(b"\n")
-            into.extend(line.decode() for line in complete)
+            for line in (raw.decode() for raw in complete):
+                if into is self.errors and line.startswith(FOLLOWING):
+                    self.following.append(line)
+                else:
+                    into.append(line)
             self._changed.set()
             self._changed = trio.Event()
 
@@ -438,6 +446,20 @@ async def test_tail_reconnects_to_a_restarted_redis_and_carries_on(
     assert "lost the Redis stream 'llm-proxy-events'" in tail.errors[0]
     assert parsed(line)["path"] == "/v1/models"
     assert status == 0
+
+
+async def test_tail_says_which_source_it_follows_once_connected(
+    feed_proxy: Proxy,
+) -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with running_tail(*feed_proxy.tail_args) as tail:
+            await tail.wait_for(lambda: bool(tail.following))
+            await tail.interrupt()
+
+    assert tail.following == [
+        f"{FOLLOWING}the events feed at {feed_proxy.handle.events_feed}; "
+        "Ctrl-C to stop"
+    ]
 
 
 async def test_tail_exits_0_quietly_on_interrupt(feed_proxy: Proxy) -> None:

@@ -525,8 +525,13 @@ async def follow(
         TailError: the source could not be reached at start-up, refused the
             tail, or did not come back within ``reconnect_seconds``.
     """
+
+    def connected() -> None:
+        # Events may be rare: say at once that the tail is listening.
+        warn(f"following {source}; Ctrl-C to stop")
+
     try:
-        await source.run(show, lambda: None)
+        await source.run(show, connected)
     except SourceUnavailable as exc:
         msg = f"cannot reach {source}: {exc}"
         raise TailError(msg) from None
