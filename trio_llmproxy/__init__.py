@@ -22,6 +22,9 @@ from ._errors import SinkError as SinkError
 from ._errors import UpstreamError as UpstreamError
 from ._errors import UpstreamTimeout as UpstreamTimeout
 from ._event import Event as Event
+from ._event import WebSocketMessage as WebSocketMessage
+from ._event import WebSocketSession as WebSocketSession
+from ._event import WebSocketSide as WebSocketSide
 from ._http_sink import HttpSink as HttpSink
 from ._memory_bus import InMemoryEventBus as InMemoryEventBus
 from ._metrics import ProxyMetrics as ProxyMetrics
@@ -65,6 +68,9 @@ __all__ = [
     "Subscription",
     "UpstreamError",
     "UpstreamTimeout",
+    "WebSocketMessage",
+    "WebSocketSession",
+    "WebSocketSide",
     "create_app",
     "create_upstream_client",
     "note_outcome",
