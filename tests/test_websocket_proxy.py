@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -397,17 +398,22 @@ async def test_upstream_dropping_the_connection_gives_the_client_1011(
     assert closed.value.reason.reason == "the upstream connection was lost"
 
 
-async def test_refusal_without_the_response_extension_is_a_close_with_reason(
-    nursery: trio.Nursery, upstream: RealtimeUpstream
-) -> None:
-    app = create_app(ProxyConfig(upstream_url=upstream.url), InMemoryEventBus(10))
+def _without_response_extension(app: Any) -> Any:
+    """``app`` served as by a server without ``websocket.http.response``."""
 
     async def without_extension(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
             scope = {**scope, "extensions": {}}
         await app(scope, receive, send)
 
-    url = await serve_asgi(nursery, without_extension)
+    return without_extension
+
+
+async def test_refusal_without_the_response_extension_is_a_close_with_reason(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    app = create_app(ProxyConfig(upstream_url=upstream.url), InMemoryEventBus(10))
+    url = await serve_asgi(nursery, _without_response_extension(app))
 
     async with open_client(_ws_url(url, "/v1/realtime?refuse=401")) as ws:
         with pytest.raises(ConnectionClosed) as closed:
@@ -740,3 +746,102 @@ async def test_upstream_dropping_the_connection_is_recorded_as_the_proxys_close(
         "upstream_error",
         "the upstream connection was lost",
     )
+
+
+# Sessions count against --max-concurrent-requests, with HTTP requests.
+
+
+async def _limited_proxy(
+    nursery: trio.Nursery, upstream: RealtimeUpstream, limit: int
+) -> ServerHandle:
+    config = ProxyConfig(
+        listen="127.0.0.1:0",
+        upstream_url=upstream.url,
+        max_concurrent_requests=limit,
+    )
+    handle: ServerHandle = await nursery.start(partial(serve, config))
+    return handle
+
+
+async def test_handshake_beyond_the_limit_gets_503_and_is_recorded(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    proxy = await _limited_proxy(nursery, upstream, 2)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with proxy.bus.subscribe("test") as subscription:
+            async with _open(proxy), _open(proxy):
+                with pytest.raises(ConnectionRejected) as refused:
+                    async with _open(proxy):
+                        pass
+                (event,) = await subscription.receive_batch()
+
+    assert refused.value.status_code == 503
+    assert refused.value.body is not None
+    error = orjson.loads(refused.value.body)["error"]
+    assert (error["type"], error["code"]) == ("proxy_error", "overloaded")
+    assert "maximum of 2 concurrent" in error["message"]
+    assert len(upstream.sessions) == 2
+    assert (event.method, event.path, event.status) == (
+        "WEBSOCKET",
+        "/v1/realtime",
+        503,
+    )
+    assert event.error == error["message"]
+
+
+async def test_session_that_closes_frees_its_place_for_a_new_one(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    proxy = await _limited_proxy(nursery, upstream, 2)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with proxy.bus.subscribe("test") as subscription, _open(proxy):
+            async with _open(proxy) as leaving:
+                await leaving.get_message()
+            # Published once the relay is done with the session.
+            (closed,) = await subscription.receive_batch()
+            async with _open(proxy) as new:
+                created = _json(await new.get_message())
+
+    assert closed.status == 101
+    assert created["type"] == "session.created"
+    assert len(upstream.sessions) == 3
+
+
+async def test_open_session_takes_a_place_from_http_requests(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    proxy = await _limited_proxy(nursery, upstream, 1)
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with (
+            _open(proxy) as ws,
+            httpx.AsyncClient(base_url=proxy.addresses[0]) as client,
+        ):
+            await ws.get_message()
+            response = await client.get("/v1/models")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "overloaded"
+
+
+async def test_handshake_beyond_the_limit_without_the_extension_closes_1013(
+    nursery: trio.Nursery, upstream: RealtimeUpstream
+) -> None:
+    config = ProxyConfig(upstream_url=upstream.url, max_concurrent_requests=1)
+    app = create_app(config, InMemoryEventBus(10))
+    url = await serve_asgi(nursery, _without_response_extension(app))
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with open_client(_ws_url(url, "/v1/realtime")) as held:
+            await held.get_message()
+            async with open_client(_ws_url(url, "/v1/realtime")) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1013
+    assert closed.value.reason.reason is not None
+    assert "maximum of 1 concurrent" in closed.value.reason.reason
+    assert len(upstream.sessions) == 1

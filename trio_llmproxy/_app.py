@@ -27,7 +27,7 @@ from ._bus import EventBus
 from ._config import ProxyConfig
 from ._event import Event
 from ._middleware import CaptureSettings, InstrumentationMiddleware
-from ._proxy import ProxyApp
+from ._proxy import ConcurrencyLimit, ProxyApp
 from ._upstream import create_upstream_client
 from ._websocket import WebSocketRelay
 
@@ -52,6 +52,7 @@ class _OwnedUpstream:
     """
 
     config: ProxyConfig
+    concurrency: ConcurrencyLimit
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[ProxyApp]:
@@ -62,7 +63,7 @@ class _OwnedUpstream:
             max_connections=config.max_upstream_connections,
         )
         try:
-            yield proxy_app(config, client)
+            yield proxy_app(config, client, self.concurrency)
         finally:
             # Runs on cancellation too (a cancelled server skips the lifespan
             # shutdown message), so the sockets are always closed.
@@ -120,14 +121,24 @@ def capture_settings(config: ProxyConfig) -> CaptureSettings:
     )
 
 
-def proxy_app(config: ProxyConfig, client: httpx.AsyncClient) -> ProxyApp:
-    """Return the forwarding app for ``config``, with its limits."""
+def proxy_app(
+    config: ProxyConfig,
+    client: httpx.AsyncClient,
+    concurrency: ConcurrencyLimit | None = None,
+) -> ProxyApp:
+    """Return the forwarding app for ``config``, with its limits.
+
+    ``concurrency``, when given, is shared with the app's WebSocket relay;
+    without it the app has a limit of its own, from ``config``.
+    """
+    if concurrency is None:
+        concurrency = ConcurrencyLimit(config.max_concurrent_requests)
     return ProxyApp(
         config.upstream_url,
         client,
         max_request_bytes=config.max_request_bytes,
         client_timeout=config.client_timeout,
-        max_concurrent_requests=config.max_concurrent_requests,
+        concurrency=concurrency,
     )
 
 
@@ -165,12 +176,14 @@ def create_app(
             own.
     """
     metrics_path = config.metrics_path if metrics is not None else ""
+    # HTTP requests and WebSocket sessions count against one limit.
+    concurrency = ConcurrencyLimit(config.max_concurrent_requests)
     owned: _OwnedUpstream | None = None
     forward: ASGIApp
     if client is None:
-        forward = owned = _OwnedUpstream(config)
+        forward = owned = _OwnedUpstream(config, concurrency)
     else:
-        forward = proxy_app(config, client)
+        forward = proxy_app(config, client, concurrency)
     recorded = InstrumentationMiddleware(
         forward,
         bus,
@@ -184,6 +197,7 @@ def create_app(
             config.upstream_url,
             connect_timeout=config.connect_timeout,
             going_away=going_away,
+            concurrency=concurrency,
         ),
         bus,
         capture_settings(config),

@@ -382,7 +382,8 @@ def cli() -> None:
     envvar="MAX_CONCURRENT_REQUESTS",
     type=POSITIVE_INT,
     default=1000,
-    help="Requests handled at once; more are answered 503 at once.",
+    help="Requests and WebSocket sessions handled at once; more are "
+    "answered 503 at once.",
 )
 @_option(
     "--secret-header",

@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
+import attrs
 import httpx
 import orjson
 import trio
@@ -60,6 +61,37 @@ _REQUEST_HEADERS_REPLACED: Final = frozenset({b"host"})
 _REQUEST_HEADERS_REPLACED_WHEN_CHUNKED: Final = frozenset({b"host", b"content-length"})
 
 logger = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class ConcurrencyLimit:
+    """The requests and WebSocket sessions a proxy carries at once, and its cap.
+
+    One instance is shared by an app's HTTP proxy and its WebSocket relay,
+    so that both count against ``--max-concurrent-requests``.
+    """
+
+    limit: int
+    active: int = 0
+
+    def try_take(self) -> bool:
+        """Count one more request or session; False (and no count) when full."""
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def give_back(self) -> None:
+        """Count one request or session less."""
+        self.active -= 1
+
+    def overloaded(self) -> Overloaded:
+        """The error to refuse one more with."""
+        msg = (
+            f"the proxy is carrying its maximum of {self.limit} concurrent "
+            "requests and WebSocket sessions; retry later"
+        )
+        return Overloaded(msg)
 
 
 class _BodyStream(httpx.AsyncByteStream):
@@ -238,8 +270,11 @@ class ProxyApp:
             cancelled).
         client_timeout: the longest pause inside a request body; the client
             then gets 408 and the upstream request is cancelled.
-        max_concurrent_requests: requests beyond this many at once are
-            answered with 503 at once, without reaching the upstream.
+        concurrency: the limit on requests at once, which the caller may
+            share with a WebSocket relay; requests beyond it are answered
+            with 503 at once, without reaching the upstream. Without it, the
+            app has a limit of its own of
+            :data:`DEFAULT_MAX_CONCURRENT_REQUESTS`.
     """
 
     def __init__(
@@ -249,7 +284,7 @@ class ProxyApp:
         *,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         client_timeout: float = DEFAULT_CLIENT_TIMEOUT_SECONDS,
-        max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+        concurrency: ConcurrencyLimit | None = None,
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
@@ -259,8 +294,9 @@ class ProxyApp:
         self._client = client
         self._max_request_bytes = max_request_bytes
         self._client_timeout = client_timeout
-        self._max_concurrent_requests = max_concurrent_requests
-        self._active = 0
+        if concurrency is None:
+            concurrency = ConcurrencyLimit(DEFAULT_MAX_CONCURRENT_REQUESTS)
+        self._concurrency = concurrency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -274,14 +310,9 @@ class ProxyApp:
             max_bytes=self._max_request_bytes,
             timeout=self._client_timeout,
         )
-        if self._active >= self._max_concurrent_requests:
-            msg = (
-                f"the proxy is carrying its maximum of "
-                f"{self._max_concurrent_requests} concurrent requests; retry later"
-            )
-            await _refuse(scope, client, send, Overloaded(msg))
+        if not self._concurrency.try_take():
+            await _refuse(scope, client, send, self._concurrency.overloaded())
             return
-        self._active += 1
         try:
             async with trio.open_nursery() as nursery:
                 with trio.CancelScope() as exchange:
@@ -289,7 +320,7 @@ class ProxyApp:
                     await self._exchange(scope, client, send)
                 nursery.cancel_scope.cancel()
         finally:
-            self._active -= 1
+            self._concurrency.give_back()
         if client.gone and not client.answered:
             note_outcome(scope, "client_disconnected", "client closed the connection")
 

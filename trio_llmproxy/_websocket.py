@@ -24,6 +24,10 @@ of trio-websocket's private members (the reader task, the open-handshake
 event, and the event that says the upstream sent a close frame), named in
 :func:`_read_upstream`, :func:`_wait_open` and :func:`_upstream_to_client`.
 
+Each session counts, from its handshake to its end, against the limit it
+shares with HTTP requests (``--max-concurrent-requests``); a handshake beyond
+it is refused with 503, ``overloaded``, without contacting the upstream.
+
 A close the proxy makes itself (at shutdown, on a failure, or because the
 upstream broke the protocol, sent too large a message or dropped its
 connection) is told to the middleware with :func:`note_proxy_close` before
@@ -44,9 +48,15 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 from wsproto import ConnectionType, WSConnection
 
 from ._asgi import Message, Receive, Scope, Send
-from ._errors import ClientError, ProxyError, UpstreamError, UpstreamTimeout
+from ._errors import (
+    ClientError,
+    Overloaded,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from ._middleware import note_outcome, note_proxy_close
-from ._proxy import error_body
+from ._proxy import DEFAULT_MAX_CONCURRENT_REQUESTS, ConcurrencyLimit, error_body
 from ._redact import redact_url
 from ._upstream import Upstream, end_to_end_headers
 
@@ -84,6 +94,7 @@ GOING_AWAY_REASON: Final = "going away"
 _INTERNAL_ERROR_CODE: Final = 1011
 _POLICY_VIOLATION_CODE: Final = 1008
 _MESSAGE_TOO_BIG_CODE: Final = 1009
+_TRY_AGAIN_LATER_CODE: Final = 1013
 # What trio-websocket raises when the upstream's answer to the handshake is
 # not a valid one (a wrong Sec-WebSocket-Accept, a subprotocol the client
 # never offered, a head too large or not HTTP): its reader tries to answer
@@ -180,9 +191,12 @@ async def _respond(
 
 async def _respond_error(scope: Scope, send: Send, exc: ProxyError) -> None:
     """Refuse the handshake with ``exc``'s status and OpenAI-style JSON body."""
-    close_code = (
-        _POLICY_VIOLATION_CODE if isinstance(exc, ClientError) else _INTERNAL_ERROR_CODE
-    )
+    if isinstance(exc, Overloaded):
+        close_code = _TRY_AGAIN_LATER_CODE
+    elif isinstance(exc, ClientError):
+        close_code = _POLICY_VIOLATION_CODE
+    else:
+        close_code = _INTERNAL_ERROR_CODE
     await _respond(
         scope,
         send,
@@ -244,6 +258,11 @@ class WebSocketRelay:
             closed on both sides with 1001, "going away".
         max_message_bytes: the largest message taken from the upstream; a
             larger one closes the session with 1009.
+        concurrency: the limit on sessions at once, shared with the app's
+            HTTP proxy (``--max-concurrent-requests``); a handshake beyond it
+            is refused with 503 without contacting the upstream. Without it,
+            the relay has a limit of its own of
+            :data:`DEFAULT_MAX_CONCURRENT_REQUESTS`.
     """
 
     def __init__(
@@ -253,6 +272,7 @@ class WebSocketRelay:
         connect_timeout: float,
         going_away: trio.Event | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        concurrency: ConcurrencyLimit | None = None,
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
@@ -269,6 +289,9 @@ class WebSocketRelay:
         self._connect_timeout = connect_timeout
         self._going_away = going_away
         self._max_message_bytes = max_message_bytes
+        if concurrency is None:
+            concurrency = ConcurrencyLimit(DEFAULT_MAX_CONCURRENT_REQUESTS)
+        self._concurrency = concurrency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket":
@@ -277,6 +300,20 @@ class WebSocketRelay:
         if (await receive())["type"] != "websocket.connect":
             # The client left before its handshake reached the app.
             return
+        # A session holds two sockets for as long as it lasts: it counts
+        # against the same limit as an HTTP request, from its handshake on.
+        if not self._concurrency.try_take():
+            overloaded = self._concurrency.overloaded()
+            note_outcome(scope, "ok", str(overloaded))
+            await _respond_error(scope, send, overloaded)
+            return
+        try:
+            await self._session(scope, receive, send)
+        finally:
+            self._concurrency.give_back()
+
+    async def _session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the upstream session and relay it, or answer why there is none."""
         try:
             resource = self._resource(scope)
         except ClientError as exc:
