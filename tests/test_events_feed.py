@@ -32,10 +32,14 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from trio_llmproxy import ProxyConfig, serve
+from trio_llmproxy import InMemoryEventBus, ProxyConfig, serve
 from trio_llmproxy._config import ListenFailed
 from trio_llmproxy._errors import ConfigError
-from trio_llmproxy._events_feed import HANDSHAKE_TIMEOUT_SECONDS, SUBSCRIBER_PREFIX
+from trio_llmproxy._events_feed import (
+    HANDSHAKE_TIMEOUT_SECONDS,
+    SUBSCRIBER_PREFIX,
+    EventsFeed,
+)
 from trio_llmproxy._server import ServerHandle
 from trio_llmproxy._tail import FEED_RECEIVE_BYTES, MAX_FEED_MESSAGE_BYTES
 
@@ -564,3 +568,66 @@ def listen_failure(error: BaseException) -> ListenFailed:
         error = error.exceptions[0]
     assert isinstance(error, ListenFailed)
     return error
+
+
+# At most so many clients at once.
+
+
+@asynccontextmanager
+async def small_feed(max_clients: int) -> AsyncIterator[str]:
+    """An events feed for ``max_clients`` clients at most; yields its URL."""
+    bus = InMemoryEventBus(10)
+    feed = EventsFeed("127.0.0.1:0", max_clients=max_clients)
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(feed.serve, bus)
+        yield url
+        feed.stop()
+        bus.close()
+
+
+async def test_feed_refuses_a_client_beyond_its_maximum_with_503() -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with small_feed(2) as url, feed_client(url), feed_client(url):
+            refused = await handshake_refusal(url, [])
+
+    assert refused is not None
+    assert refused.status_code == 503
+    assert refused.body == (
+        b"the events feed serves at most 2 clients at once; try again later"
+    )
+
+
+async def test_full_feed_logs_one_warning_for_many_refused_clients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="trio_llmproxy._events_feed")
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with small_feed(1) as url, feed_client(url):
+            refused = [await handshake_refusal(url, []) for _ in range(5)]
+
+    assert [r.status_code if r else None for r in refused] == [503] * 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "serves at most 1 clients at once" in warnings[0]
+
+
+async def test_client_leaving_a_full_feed_frees_its_place() -> None:
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with small_feed(1) as url:
+            async with feed_client(url):
+                pass
+            # The feed lets go of the client just after the close handshake.
+            polls = 100
+            for _ in range(polls):
+                refused = await handshake_refusal(url, [])
+                if refused is None:
+                    break
+                await trio.sleep(0.01)
+
+    assert refused is None
+
+
+def test_feed_needs_room_for_one_client() -> None:
+    with pytest.raises(ValueError, match="max_clients must be at least 1, got 0"):
+        EventsFeed("127.0.0.1:0", max_clients=0)

@@ -25,6 +25,11 @@ client does (reset the socket, send something that is not WebSocket) and
 whatever trio-websocket raises about it ends that connection only, with one
 DEBUG line.
 
+The feed serves at most :data:`MAX_CLIENTS` clients at once (each holds a
+socket, a task and a buffer); one more is refused at its handshake with 503
+and a one-line reason, and the server logs one WARNING about it at most
+every :data:`FULL_WARNING_INTERVAL_SECONDS`, with the number refused since.
+
 Access: a client that sends an ``Origin`` header (every browser does) is
 refused with 403, so that a web page cannot read the feed of an operator's
 machine; a feed with a token refuses a client without
@@ -44,6 +49,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Final
@@ -80,6 +86,11 @@ CLOSE_HANDSHAKE_SECONDS: Final = 0.5
 HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
 #: Clients send nothing but control frames; anything bigger is refused.
 MAX_CLIENT_MESSAGE_BYTES: Final = 4096
+#: Clients served at once; one more is refused with 503 at its handshake.
+MAX_CLIENTS: Final = 64
+#: A full feed logs the clients it refused at most this often (a script
+#: that retries in a loop would otherwise fill the log).
+FULL_WARNING_INTERVAL_SECONDS: Final = 60.0
 #: WebSocket close code "going away": the server is shutting down.
 GOING_AWAY: Final = 1001
 SUBSCRIBER_PREFIX: Final = "events-feed-"
@@ -287,20 +298,29 @@ class EventsFeed:
         listen: ``HOST:PORT``, or a port alone for 127.0.0.1.
         token: the bearer token clients must send; required when ``listen``
             is not a loopback address.
+        max_clients: clients served at once; one more is refused with 503.
 
     Raises:
         ConfigError: ``listen`` is malformed, or it is not loopback and no
             token is given. :meth:`serve` raises :class:`ListenFailed` when
             it cannot bind ``listen``.
+        ValueError: ``max_clients`` is less than 1.
     """
 
     listen: str = attrs.field(converter=parse_events_feed_address)
     _token: str | None = attrs.field(default=None, repr=False, alias="token")
+    max_clients: int = attrs.field(default=MAX_CLIENTS, kw_only=True)
     _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     _names: _NamePool = attrs.field(factory=_NamePool, init=False)
+    _connected: int = attrs.field(default=0, init=False)
+    _refused_full: int = attrs.field(default=0, init=False)
+    _full_warned_at: float = attrs.field(default=-math.inf, init=False)
 
     def __attrs_post_init__(self) -> None:
         check_events_feed(self.listen, self._token)
+        if self.max_clients < 1:
+            msg = f"max_clients must be at least 1, got {self.max_clients!r}"
+            raise ValueError(msg)
 
     def stop(self) -> None:
         """Stop accepting clients; the connected ones finish, then close."""
@@ -390,6 +410,42 @@ class EventsFeed:
             headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             await request.reject(status, extra_headers=headers, body=reason.encode())
             return
+        if self._connected >= self.max_clients:
+            self._note_full(peer)
+            reason = (
+                f"the events feed serves at most {self.max_clients} clients "
+                "at once; try again later"
+            )
+            await request.reject(503, body=reason.encode())
+            return
+        # Counted before the accept, so that clients accepted meanwhile
+        # cannot take the feed past its maximum.
+        self._connected += 1
+        try:
+            await self._serve_accepted(bus, request, peer)
+        finally:
+            self._connected -= 1
+
+    def _note_full(self, peer: str) -> None:
+        """Count a client refused because the feed is full; warn if one is due."""
+        self._refused_full += 1
+        now = trio.current_time()
+        if now - self._full_warned_at < FULL_WARNING_INTERVAL_SECONDS:
+            logger.debug("events feed: refused %s: the feed is full", peer)
+            return
+        logger.warning(
+            "events feed: refused %s: it serves at most %d clients at once "
+            "(%d refused since this was last logged)",
+            peer,
+            self.max_clients,
+            self._refused_full,
+        )
+        self._refused_full = 0
+        self._full_warned_at = now
+
+    async def _serve_accepted(
+        self, bus: InMemoryEventBus, request: WebSocketRequest, peer: str
+    ) -> None:
         connection = await request.accept()
         number = self._names.take()
         client = _Client(connection, f"{SUBSCRIBER_PREFIX}{number}")
