@@ -31,10 +31,12 @@ from redis_support import (  # noqa: F401
     redis_url_fixture,
 )
 from test_cli import CLI, clean_env, free_port
+from test_events_feed import feed_client
 from test_server import CHAT, proxy_config
 from trio_websocket import open_websocket_url
 
-from trio_llmproxy import serve
+from trio_llmproxy import InMemoryEventBus, serve
+from trio_llmproxy._events_feed import EventsFeed
 from trio_llmproxy._server import ServerHandle
 from trio_llmproxy._tail import EventFilter, Printer, format_line
 
@@ -522,6 +524,25 @@ async def test_tail_cannot_reach_the_feed_exits_1_with_one_line() -> None:
     assert status == 1
     assert len(tail.errors) == 1, tail.errors
     assert f"cannot reach the events feed at {url}" in tail.errors[0]
+
+
+async def test_tail_finding_the_feed_full_is_told_so_and_exits_1(
+    nursery: trio.Nursery,
+) -> None:
+    feed = EventsFeed("127.0.0.1:0", max_clients=1)
+    address = await nursery.start(feed.serve, InMemoryEventBus())
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        async with feed_client(address):
+            async with running_tail("--feed", address) as tail:
+                status = await tail.exit_status()
+        feed.stop()
+
+    assert status == 1
+    assert len(tail.errors) == 1, tail.errors
+    # A full feed is not a refusal of this tail: a later reconnection may
+    # find room, as it would find a restarted server.
+    assert f"cannot reach the events feed at {address}: HTTP 503" in tail.errors[0]
 
 
 async def test_tail_speaking_tls_to_a_plain_feed_exits_1_with_one_line(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import ssl
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
@@ -334,6 +335,10 @@ class FeedSource:
                 nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
             status = _first_rejection(group).status_code
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                # The feed serves as many tails as it may: one may leave.
+                msg = "HTTP 503: it serves as many tails as it may"
+                raise SourceUnavailable(msg) from None
             what = {401: "it needs --token", 403: "it refused the token"}
             msg = f"HTTP {status}" + (f": {what[status]}" if status in what else "")
             raise SourceRefused(msg) from None
