@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from events import make_event
 
-from trio_llmproxy import Event, InMemoryEventBus, Subscription
+from trio_llmproxy import Event, InMemoryEventBus, Subscription, WebSocketSession
 
 
 def ids(events: Sequence[Event]) -> list[str]:
@@ -106,6 +106,18 @@ async def test_subscriber_with_its_own_byte_budget_drops_alone() -> None:
 
     assert stats.subscribers["viewer"].buffered == 2
     assert stats.subscribers["sink"].buffered == 5
+
+
+async def test_websocket_sessions_count_their_messages_in_the_byte_budget() -> None:
+    bus = InMemoryEventBus()
+    session = WebSocketSession(captured_bytes=1000)
+
+    async with bus.subscribe("viewer", max_buffered_bytes=2500):
+        for number in range(5):
+            bus.publish(make_event(number, method="WEBSOCKET", websocket=session))
+        stats = bus.statistics()
+
+    assert stats.subscribers["viewer"].buffered == 2
 
 
 async def test_batches_hold_at_most_batch_size_events() -> None:

@@ -285,6 +285,9 @@ class WebSocketSession:
     llm_messages: Sequence[WebSocketMessage] = attrs.field(
         default=(), eq=False, repr=False
     )
+    #: What ``messages`` and ``llm_messages`` hold, as counted against the
+    #: capture cap; buffers measure events by it. Not part of the JSON form.
+    captured_bytes: int = attrs.field(default=0, eq=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON object of the session (see docs/events.md)."""
@@ -302,6 +305,7 @@ class WebSocketSession:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WebSocketSession:
         """Rebuild a session from :meth:`to_dict`'s output."""
+        messages = [_parse_message(message) for message in data["messages"]]
         return cls(
             subprotocol=data["subprotocol"],
             closed_by=data["closed_by"],
@@ -310,8 +314,9 @@ class WebSocketSession:
             proxy_close_reason=data.get("proxy_close_reason"),
             client=WebSocketSide.from_dict(data["client"]),
             upstream=WebSocketSide.from_dict(data["upstream"]),
-            messages=[_parse_message(message) for message in data["messages"]],
+            messages=messages,
             messages_truncated=data["messages_truncated"],
+            captured_bytes=sum(len(message.data) for message in messages),
         )
 
 
@@ -408,6 +413,16 @@ class Event:
             if key not in _OPTIONAL_FIELD_NAMES:
                 rendered.setdefault(key, value)
         return rendered
+
+    def captured_bytes(self) -> int:
+        """The size of what the event captured: bodies, a session's messages.
+
+        Buffers of the bus measure events by it.
+        """
+        size = len(self.request_body) + len(self.response_body)
+        if self.websocket is not None:
+            size += self.websocket.captured_bytes
+        return size
 
     def describe_llm(self) -> dict[str, Any] | None:
         """Return the event's ``llm`` object (see docs/events.md), computed once.

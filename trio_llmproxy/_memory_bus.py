@@ -35,10 +35,6 @@ DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 logger = logging.getLogger(__name__)
 
 
-def _body_bytes(event: Event) -> int:
-    return len(event.request_body) + len(event.response_body)
-
-
 @attrs.define(eq=False)
 class _MemorySubscription(Subscription):
     name: str
@@ -56,7 +52,7 @@ class _MemorySubscription(Subscription):
     _filled: trio.Event | None = None
 
     def offer(self, event: Event) -> bool:
-        size = _body_bytes(event)
+        size = event.captured_bytes()
         # Past the byte budget only when something already waits: a single
         # event larger than the budget still gets through an empty buffer.
         over_budget = self._bytes > 0 and self._bytes + size > self._max_bytes
@@ -90,7 +86,7 @@ class _MemorySubscription(Subscription):
             batch = await receive_batch_from(self._receive, self._batch_size, 0)
         self._waiting -= len(batch)
         self.delivered += len(batch)
-        self._bytes -= sum(_body_bytes(event) for event in batch)
+        self._bytes -= sum(event.captured_bytes() for event in batch)
         return batch
 
     async def _gather(self) -> list[Event]:

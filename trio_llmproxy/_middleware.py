@@ -316,6 +316,7 @@ class _Session:
             messages=self.messages,
             messages_truncated=self.truncated,
             llm_messages=self.llm_messages,
+            captured_bytes=self.captured + self.llm_captured,
         )
 
 

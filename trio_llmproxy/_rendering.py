@@ -30,16 +30,6 @@ INLINE_BODY_BYTES: Final = 16 * 1024
 SLICE_SECONDS: Final = 0.001
 
 
-def captured_bytes(event: Event) -> int:
-    """The size of what ``event`` captured: bodies, and a session's messages."""
-    size = len(event.request_body) + len(event.response_body)
-    session = event.websocket
-    if session is not None:
-        size += sum(len(message.data) for message in session.messages)
-        size += sum(len(message.data) for message in session.llm_messages)
-    return size
-
-
 async def process_events(
     events: Sequence[Event], work: Callable[[Sequence[Event]], object]
 ) -> None:
@@ -51,7 +41,7 @@ async def process_events(
     large = []
     started = time.perf_counter()
     for event in events:
-        if captured_bytes(event) > INLINE_BODY_BYTES:
+        if event.captured_bytes() > INLINE_BODY_BYTES:
             large.append(event)
             continue
         work((event,))
