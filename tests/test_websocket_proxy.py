@@ -317,7 +317,7 @@ async def test_https_upstream_is_reached_over_tls(
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     upstream = await serve_realtime_upstream(nursery, ssl_context=server_context)
-    # The relay's default TLS context trusts what SSL_CERT_FILE names.
+    # The relay trusts what SSL_CERT_FILE names, as the HTTP side does.
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     config = ProxyConfig(listen="127.0.0.1:0", upstream_url=upstream.url)
     handle: ServerHandle = await nursery.start(partial(serve, config))

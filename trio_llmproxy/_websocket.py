@@ -42,6 +42,7 @@ from typing import Final
 
 import attrs
 import h11
+import httpx
 import trio
 import wsproto.utilities
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
@@ -277,8 +278,12 @@ class WebSocketRelay:
         self._upstream_url = upstream_url
         self._upstream = Upstream.from_url(upstream_url)
         use_ssl = self._upstream.scheme == "https"
-        self._use_ssl = use_ssl
-        self._ssl_context: ssl.SSLContext | None = None
+        # The same trust as the HTTP side's httpx client (certifi's bundle,
+        # or what SSL_CERT_FILE or SSL_CERT_DIR names), made here, at start,
+        # since loading the CA bundle blocks for tens of milliseconds.
+        self._ssl_context: ssl.SSLContext | None = (
+            httpx.create_ssl_context() if use_ssl else None
+        )
         self._port = self._upstream.port or (443 if use_ssl else 80)
         host = self._upstream.host
         if ":" in host:
@@ -377,11 +382,8 @@ class WebSocketRelay:
         where = redact_url(self._upstream_url)
         try:
             with trio.fail_at(deadline):
-                if not self._use_ssl:
-                    return await trio.open_tcp_stream(host, port)
                 if self._ssl_context is None:
-                    # Made once, at the first session: it loads the CA store.
-                    self._ssl_context = ssl.create_default_context()
+                    return await trio.open_tcp_stream(host, port)
                 return await trio.open_ssl_over_tcp_stream(
                     host, port, ssl_context=self._ssl_context, https_compatible=True
                 )
