@@ -50,7 +50,6 @@ import hmac
 import itertools
 import logging
 import math
-from collections.abc import Sequence
 from functools import partial
 from typing import Final
 
@@ -68,7 +67,6 @@ from wsproto.utilities import ProtocolError
 
 from ._bus import EventBus, Subscription
 from ._config import ListenFailed, check_events_feed, parse_events_feed_address
-from ._event import Event
 from ._memory_bus import InMemoryEventBus
 from ._rendering import render_events
 
@@ -105,12 +103,6 @@ _CONNECTION_TROUBLE: Final = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _render(events: Sequence[Event]) -> list[str]:
-    # Event.to_json decodes bodies and parses the llm object: a worker
-    # thread's job, never the event loop's.
-    return [event.to_json().decode("utf-8") for event in events]
 
 
 def _notice(dropped: int, total: int) -> str:
@@ -250,9 +242,10 @@ class _Client:
 
     async def _send_all(self, subscription: Subscription, bus: EventBus) -> None:
         async for batch in subscription:
+            # Rendered without stalling the loop; each event keeps its JSON.
             await render_events(batch)
-            for message in await trio.to_thread.run_sync(_render, batch):
-                await self.connection.send_message(message)
+            for event in batch:
+                await self.connection.send_message(event.to_json().decode())
             self.sent += len(batch)
             await self._report_drops(bus)
 

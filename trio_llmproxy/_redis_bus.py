@@ -146,10 +146,6 @@ def _event_of(entry: StreamEntry) -> Event:
     return Event.from_json(data)
 
 
-def _encode_all(events: Sequence[Event]) -> list[bytes]:
-    return [event.to_json() for event in events]
-
-
 def _only_holds(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
     """Whether ``group`` (nested or not) holds ``exc`` and nothing else."""
     _, rest = group.split(lambda leaf: leaf is exc)
@@ -826,7 +822,8 @@ class RedisEventBus(EventBus):
                     return
                 self._in_hand = len(events)
                 await render_events(events)
-                entries = await trio.to_thread.run_sync(_encode_all, events)
+                # Each event keeps its JSON once rendered.
+                entries = [event.to_json() for event in events]
                 await self._write_all(entries, reconnect)
                 self._in_hand = 0
         except trio.Cancelled:
