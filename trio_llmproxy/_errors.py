@@ -8,6 +8,12 @@ that talks to them, so callers catch only our types.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import trio
+
+E = TypeVar("E", bound=BaseException)
+
 
 class ProxyError(Exception):
     """Base class of every error raised by trio_llmproxy."""
@@ -80,3 +86,23 @@ class SinkError(ProxyError):
         super().__init__(message)
         self.permanent = permanent
         self.delivered = delivered
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation, bare or grouped by a nursery."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return isinstance(exc, trio.Cancelled)
+
+
+def first_leaf(group: BaseExceptionGroup[E]) -> E:
+    """The first exception of ``group`` that is not itself a group.
+
+    Nested nurseries (Hypercorn's, trio-websocket's) wrap an error once per
+    level.
+    """
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

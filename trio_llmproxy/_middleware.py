@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
-import trio
 
 from ._access import log_access
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._bus import EventBus
+from ._errors import is_cancellation
 from ._event import Event, WebSocketMessage, WebSocketSession, WebSocketSide
 from ._redact import (
     redact_headers,
@@ -149,14 +149,6 @@ def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    """Whether ``exc`` is a cancellation, bare or grouped by a nursery."""
-    if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(trio.Cancelled)
-        return rest is None
-    return isinstance(exc, trio.Cancelled)
 
 
 @attrs.frozen(kw_only=True)
@@ -470,7 +462,7 @@ class InstrumentationMiddleware:
         try:
             await self._app(scope, recording_receive, recording_send)
         except BaseException as exc:
-            if _is_cancellation(exc):
+            if is_cancellation(exc):
                 recorder.note(*self._cancelled_outcome(recorder))
             else:
                 recorder.note("upstream_error", _describe(exc))
@@ -537,7 +529,7 @@ class InstrumentationMiddleware:
         try:
             await self._app(scope, recording_receive, recording_send)
         except BaseException as exc:
-            if _is_cancellation(exc):
+            if is_cancellation(exc):
                 recorder.note(*self._cancelled_outcome(recorder))
             else:
                 recorder.note("upstream_error", _describe(exc))

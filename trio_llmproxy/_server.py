@@ -34,6 +34,7 @@ from ._app import create_app
 from ._bus import EventBus
 from ._config import ListenFailed, ProxyConfig
 from ._dispatch import Dispatcher
+from ._errors import first_leaf
 from ._event import Event
 from ._events_feed import SUBSCRIBER_PREFIX, EventsFeed
 from ._memory_bus import InMemoryEventBus
@@ -96,12 +97,6 @@ def hypercorn_config(config: ProxyConfig) -> HypercornConfig:
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     return hyper
-
-
-def _first_of(group: BaseExceptionGroup[OSError]) -> OSError:
-    # Hypercorn's nurseries nest the group once per level.
-    first = group.exceptions[0]
-    return first if isinstance(first, OSError) else _first_of(first)
 
 
 def _default_sinks(config: ProxyConfig) -> list[Sink]:
@@ -343,7 +338,7 @@ async def serve(
                     addresses = await nursery.start(hypercorn)
                 except* OSError as group:
                     # Before it reports its addresses, Hypercorn only binds.
-                    first = _first_of(group)
+                    first = first_leaf(group)
                     raise ListenFailed("listen", config.listen, first) from first
                 logger.info(
                     "proxying %s on %s",

@@ -40,7 +40,7 @@ from trio_websocket import (
 )
 
 from ._config import check_redis_url, display_url
-from ._errors import ConfigError, ProxyError
+from ._errors import ConfigError, ProxyError, first_leaf
 
 if TYPE_CHECKING:
     import coredis
@@ -271,13 +271,6 @@ class Printer:
         )
 
 
-def _first_rejection(
-    group: BaseExceptionGroup[ConnectionRejected],
-) -> ConnectionRejected:
-    first = group.exceptions[0]
-    return first if isinstance(first, ConnectionRejected) else _first_rejection(first)
-
-
 def _feed_endpoint(url: str) -> tuple[str, int, str, bool]:
     """Host, port, resource and TLS of a ``ws://`` or ``wss://`` URL.
 
@@ -334,7 +327,7 @@ class FeedSource:
                 reason = await _receive_all(connection, show)
                 nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
-            status = _first_rejection(group).status_code
+            status = first_leaf(group).status_code
             if status == HTTPStatus.SERVICE_UNAVAILABLE:
                 # The feed serves as many tails as it may: one may leave.
                 msg = "HTTP 503: it serves as many tails as it may"

@@ -55,6 +55,7 @@ from ._errors import (
     ProxyError,
     UpstreamError,
     UpstreamTimeout,
+    is_cancellation,
 )
 from ._middleware import note_outcome, note_proxy_close
 from ._proxy import DEFAULT_MAX_CONCURRENT_REQUESTS, ConcurrencyLimit, error_body
@@ -490,7 +491,7 @@ class WebSocketRelay:
                     if self._going_away is not None:
                         nursery.start_soon(_watch_going_away, self._going_away, session)
         except BaseException as exc:
-            if isinstance(exc, trio.Cancelled) or _only_cancelled(exc):
+            if is_cancellation(exc):
                 session.end(_Closed("shutdown", GOING_AWAY_CODE, GOING_AWAY_REASON))
             else:
                 session.end(_Closed("error", _INTERNAL_ERROR_CODE, "proxy error"))
@@ -498,12 +499,6 @@ class WebSocketRelay:
         finally:
             with trio.CancelScope(shield=True):
                 await _close_both(scope, send, session)
-
-
-def _only_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return False
 
 
 async def _client_to_upstream(receive: Receive, session: _Session) -> None:
