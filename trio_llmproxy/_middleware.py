@@ -151,6 +151,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _with_request_id(
+    headers: Iterable[tuple[bytes, bytes]], request_id: bytes
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the app's own request ID, if any, replaced by ours."""
+    kept = [
+        (name, value) for name, value in headers if name.lower() != REQUEST_ID_HEADER
+    ]
+    kept.append((REQUEST_ID_HEADER, request_id))
+    return kept
+
+
 @attrs.frozen(kw_only=True)
 class CaptureSettings:
     """What the middleware keeps of each exchange.
@@ -541,12 +552,7 @@ class InstrumentationMiddleware:
     def _stamp_accept(
         message: Message, request_id: bytes, recorder: Recorder
     ) -> Message:
-        headers = [
-            (name, value)
-            for name, value in message.get("headers") or ()
-            if name.lower() != REQUEST_ID_HEADER
-        ]
-        headers.append((REQUEST_ID_HEADER, request_id))
+        headers = _with_request_id(message.get("headers") or (), request_id)
         recorder.status = 101
         recorder.response_headers = [(name.lower(), value) for name, value in headers]
         session = recorder.session
@@ -596,12 +602,7 @@ class InstrumentationMiddleware:
     def _stamp_response(
         message: Message, request_id: bytes, recorder: Recorder
     ) -> Message:
-        headers = [
-            (name, value)
-            for name, value in message.get("headers", ())
-            if name.lower() != REQUEST_ID_HEADER
-        ]
-        headers.append((REQUEST_ID_HEADER, request_id))
+        headers = _with_request_id(message.get("headers") or (), request_id)
         recorder.status = int(message["status"])
         # Apps may send names in any case (the proxy passes the upstream's
         # as they came); the event, redaction and the lookups of
