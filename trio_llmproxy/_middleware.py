@@ -470,16 +470,7 @@ class InstrumentationMiddleware:
                 message = self._stamp_response(message, request_id, recorder)
             await send(message)
 
-        try:
-            await self._app(scope, recording_receive, recording_send)
-        except BaseException as exc:
-            if is_cancellation(exc):
-                recorder.note(*self._cancelled_outcome(recorder))
-            else:
-                recorder.note("upstream_error", _describe(exc))
-            raise
-        finally:
-            self._publish(scope, recorder)
+        await self._run_recorded(scope, recording_receive, recording_send, recorder)
 
     async def _record_session(self, scope: Scope, receive: Receive, send: Send) -> None:
         recorder, scope = self._start(scope)
@@ -537,8 +528,14 @@ class InstrumentationMiddleware:
                     return
             await send(message)
 
+        await self._run_recorded(scope, recording_receive, recording_send, recorder)
+
+    async def _run_recorded(
+        self, scope: Scope, receive: Receive, send: Send, recorder: Recorder
+    ) -> None:
+        """Run the app on the recording channels; publish the event however it ends."""
         try:
-            await self._app(scope, recording_receive, recording_send)
+            await self._app(scope, receive, send)
         except BaseException as exc:
             if is_cancellation(exc):
                 recorder.note(*self._cancelled_outcome(recorder))
