@@ -122,17 +122,12 @@ def capture_settings(config: ProxyConfig) -> CaptureSettings:
 
 
 def proxy_app(
-    config: ProxyConfig,
-    client: httpx.AsyncClient,
-    concurrency: ConcurrencyLimit | None = None,
+    config: ProxyConfig, client: httpx.AsyncClient, concurrency: ConcurrencyLimit
 ) -> ProxyApp:
     """Return the forwarding app for ``config``, with its limits.
 
-    ``concurrency``, when given, is shared with the app's WebSocket relay;
-    without it the app has a limit of its own, from ``config``.
+    ``concurrency`` is shared with the app's WebSocket relay.
     """
-    if concurrency is None:
-        concurrency = ConcurrencyLimit(config.max_concurrent_requests)
     return ProxyApp(
         config.upstream_url,
         client,
