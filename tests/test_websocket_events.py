@@ -36,7 +36,7 @@ from trio_llmproxy._middleware import (
     MESSAGE_OVERHEAD_BYTES,
     CaptureSettings,
     InstrumentationMiddleware,
-    _Session,
+    _SessionRecord,
     note_outcome,
     note_proxy_close,
 )
@@ -136,9 +136,9 @@ async def serve_recorded(
         yield Served(url, bus, subscription)
 
 
-def _recording_session(cap: int) -> _Session:
+def _recording_session(cap: int) -> _SessionRecord:
     """The middleware's record of one session, fed by hand."""
-    return _Session(cap, 0.0)
+    return _SessionRecord(cap, 0.0)
 
 
 def _payload(message: Message) -> dict[str, Any]:

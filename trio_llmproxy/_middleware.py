@@ -116,7 +116,9 @@ def _status_without_response(recorder: Recorder) -> int:
     return 499 if recorder.disconnected else 500
 
 
-def _session_outcome(recorder: Recorder, session: _Session) -> tuple[str, str | None]:
+def _session_outcome(
+    recorder: Recorder, session: _SessionRecord
+) -> tuple[str, str | None]:
     """How a WebSocket session ended, from what passed (no note from the app)."""
     if recorder.disconnected:
         code = session.client.close_code
@@ -238,7 +240,7 @@ class _Side:
 
 
 @attrs.define
-class _Session:
+class _SessionRecord:
     """What the middleware knows of one WebSocket session while it runs."""
 
     cap: int
@@ -342,7 +344,7 @@ class Recorder:
     disconnected: bool = False
     outcome: str | None = None
     error: str | None = None
-    session: _Session | None = None
+    session: _SessionRecord | None = None
 
     def note(self, outcome: str, error: str | None) -> None:
         """Record how the exchange ended; the first note wins."""
@@ -475,7 +477,7 @@ class InstrumentationMiddleware:
     async def _record_session(self, scope: Scope, receive: Receive, send: Send) -> None:
         recorder, scope = self._start(scope)
         request_id = recorder.request_id.encode("ascii")
-        session = recorder.session = _Session(
+        session = recorder.session = _SessionRecord(
             self._settings.max_response_body_bytes, recorder.started
         )
 
