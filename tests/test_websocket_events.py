@@ -21,15 +21,15 @@ import trio
 from conftest import serve_asgi
 from docs_examples import example
 from events import make_event
+from test_middleware import Served as HttpServed
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    wrap_client_stream,
 )
+from ws_client import open_client
 
 from trio_llmproxy._asgi import ASGIApp, Message, Receive, Scope, Send
-from trio_llmproxy._bus import Subscription
 from trio_llmproxy._event import Event, WebSocketMessage, WebSocketSession
 from trio_llmproxy._memory_bus import InMemoryEventBus
 from trio_llmproxy._middleware import (
@@ -47,67 +47,27 @@ KEY = "sk-test-abcdefghijklmnop1234"
 Session = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-@attrs.define
-class Served:
+class Served(HttpServed):
     """A wrapped WebSocket app on a loopback port, and its bus's subscription."""
-
-    url: str
-    bus: InMemoryEventBus
-    subscription: Subscription
-
-    async def next_event(self) -> Event:
-        batch = await self.subscription.receive_batch()
-        assert len(batch) == 1
-        return batch[0]
 
     @asynccontextmanager
     async def connect(
         self, resource: str, **options: Any
     ) -> AsyncIterator[WebSocketConnection]:
-        """Open a client session on ``resource``; see :func:`open_client`."""
-        async with open_client(self.url, resource, **options) as ws:
+        """Open a client session on ``resource``; see :func:`ws_client.open_client`."""
+        async with open_client(ws_url(self.url, resource), **options) as ws:
             yield ws
 
     async def refused(self, resource: str, **options: Any) -> ConnectionRejected:
         """Return how the server refused a handshake on ``resource``."""
-        host, port = _address(self.url)
-        stream = await trio.open_tcp_stream(host, port)
-        refusals: list[ConnectionRejected] = []
-        async with stream:
-            try:
-                async with trio.open_nursery() as nursery:
-                    await wrap_client_stream(nursery, stream, host, resource, **options)
-            except* ConnectionRejected as group:
-                refusals.extend(
-                    e for e in group.exceptions if isinstance(e, ConnectionRejected)
-                )
-        assert len(refusals) == 1, "the handshake should have been refused once"
-        return refusals[0]
+        with pytest.raises(ConnectionRejected) as refusal:
+            async with open_client(ws_url(self.url, resource), **options):
+                pass
+        return refusal.value
 
 
-def _address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
-
-
-@asynccontextmanager
-async def open_client(
-    url: str, resource: str, **options: Any
-) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client session to the server at ``url``.
-
-    The test owns the TCP stream and closes it: trio-websocket's client leaves
-    its socket open when the server ends the session first (its reader stops
-    at the server's TCP close without closing its own side).
-    """
-    host, port = _address(url)
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream, trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(nursery, stream, host, resource, **options)
-        try:
-            yield ws
-        finally:
-            await ws.aclose()
+def ws_url(url: str, resource: str) -> str:
+    return url.replace("http://", "ws://", 1) + resource
 
 
 def websocket_app(session: Session) -> ASGIApp:
@@ -656,7 +616,7 @@ async def test_session_cancelled_by_the_server_is_recorded_as_shut_down(
         async with bus.subscribe("test") as subscription:
             async with trio.open_nursery() as server:
                 url = await serve_asgi(server, wrapped)
-                async with open_client(url, "/ws"):
+                async with open_client(ws_url(url, "/ws")):
                     await accepted.wait()
                     # As when an embedding application cancels the server.
                     server.cancel_scope.cancel()
