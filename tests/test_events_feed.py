@@ -31,6 +31,7 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from ws_client import open_client
 
 from trio_llmproxy import InMemoryEventBus, ProxyConfig, serve
 from trio_llmproxy._config import ListenFailed
@@ -70,31 +71,16 @@ async def feed_client(
     *,
     message_queue_size: int = 1,
 ) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client of the feed, on a stream of our own.
-
-    trio-websocket's open_websocket_url leaves the socket open when the
-    server refuses the handshake or closes first; this one closes it.
-    """
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    try:
-        async with trio.open_nursery() as nursery:
-            connection = await wrap_client_stream(
-                nursery,
-                stream,
-                parts.hostname,
-                "/",
-                extra_headers=headers or [],
-                message_queue_size=message_queue_size,
-                # As large as tail takes: events carry whole bodies.
-                max_message_size=MAX_FEED_MESSAGE_BYTES,
-                receive_buffer_size=FEED_RECEIVE_BYTES,
-            )
-            yield connection
-            await connection.aclose()
-    finally:
-        await stream.aclose()
+    """A client of the feed, reading as tail does (see ws_client)."""
+    async with open_client(
+        url,
+        extra_headers=headers,
+        message_queue_size=message_queue_size,
+        # As large as tail takes: events carry whole bodies.
+        max_message_size=MAX_FEED_MESSAGE_BYTES,
+        receive_buffer_size=FEED_RECEIVE_BYTES,
+    ) as connection:
+        yield connection
 
 
 async def handshake_refusal(

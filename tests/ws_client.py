@@ -28,6 +28,8 @@ async def open_client(
     subprotocols: Sequence[str] = (),
     extra_headers: list[tuple[bytes, bytes]] | None = None,
     max_message_size: int = 32 * 1024 * 1024,
+    message_queue_size: int = 1,
+    receive_buffer_size: int = 64 * 1024,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a session with ``url`` (``ws://`` only); close it on the way out.
 
@@ -48,7 +50,8 @@ async def open_client(
             client_subprotocols=list(subprotocols),
             client_extra_headers=extra_headers or [],
             max_message_size=max_message_size,
-            receive_buffer_size=64 * 1024,
+            message_queue_size=message_queue_size,
+            receive_buffer_size=receive_buffer_size,
         )
         async with trio.open_nursery() as nursery:
 
